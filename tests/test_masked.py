@@ -1,0 +1,147 @@
+"""MD4 exactness: NELBO against -log p(x) and the sampler against p, with an exact oracle."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from md4.diffusion import masked
+from md4.diffusion.categorical import adjust_logits
+from md4.diffusion.schedules import get_schedule
+from tests import oracle
+
+V, L = 3, 3
+P = oracle.random_distribution(0, V, L)
+LOGITS_FN = oracle.masked_oracle(P)
+
+
+def nelbo_stats(x, schedule_name, num_steps=0, batch=256, repeats=200):
+  """Mean and standard error of the NELBO of one sequence x over many antithetic batches."""
+  schedule = get_schedule(schedule_name)
+  xs = jnp.tile(jnp.asarray(x)[None], (batch, 1))
+
+  @jax.jit
+  def batch_mean(rng):
+    return masked.nelbo(LOGITS_FN, xs, rng, schedule, vocab_size=V, num_steps=num_steps).mean()
+
+  means = np.asarray(jax.vmap(batch_mean)(jax.random.split(jax.random.key(1), repeats)))
+  return means.mean(), means.std(ddof=1) / np.sqrt(repeats)
+
+
+# The most and a less likely sequence.
+SEQS = [np.unravel_index(k, P.shape) for k in (np.argmax(P), np.argsort(P.reshape(-1))[5])]
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine", "poly2", "geometric"])
+@pytest.mark.parametrize("x", SEQS)
+def test_continuous_nelbo_equals_negative_log_likelihood(schedule_name, x):
+  mean, se = nelbo_stats(x, schedule_name)
+  target = -np.log(P[x])
+  # eps-clamping leaves a bias of order L * eps * log V, far below the Monte Carlo error.
+  assert abs(mean - target) < 4 * se + 1e-2, (mean, se, target)
+  assert se < 0.05 * target
+
+
+def expected_nelbo(num_steps, repeats=200, copies=8):
+  """E_{x~p} NELBO(x) (mean and standard error), all V^L sequences weighted by p."""
+  schedule = get_schedule("linear")
+  seqs = jnp.asarray(np.tile(oracle.all_sequences(V, L), (copies, 1)))
+  weights = jnp.asarray(np.tile(P.reshape(-1), copies) / copies)
+
+  @jax.jit
+  def weighted(rng):
+    values = masked.nelbo(LOGITS_FN, seqs, rng, schedule, vocab_size=V, num_steps=num_steps)
+    return jnp.sum(weights * values)
+
+  means = np.asarray(jax.vmap(weighted)(jax.random.split(jax.random.key(2), repeats)))
+  return means.mean(), means.std(ddof=1) / np.sqrt(repeats)
+
+
+def test_discrete_nelbo_is_a_looser_bound():
+  # Pointwise, the discrete-time NELBO bounds the likelihood of the discrete-time model (whose
+  # steps reveal tokens independently), not -log p(x); averaged over x ~ p it bounds the entropy.
+  entropy = -np.sum(P * np.log(P))
+  continuous, continuous_se = expected_nelbo(0)
+  coarse, coarse_se = expected_nelbo(2)
+  fine, fine_se = expected_nelbo(64)
+  assert abs(continuous - entropy) < 4 * continuous_se + 1e-2, (continuous, entropy)
+  assert coarse > continuous + 4 * np.hypot(coarse_se, continuous_se), (coarse, continuous)
+  assert fine > entropy - 4 * fine_se
+  assert abs(fine - entropy) < abs(coarse - entropy)
+
+
+def test_head_capacity_is_exact_with_and_without_fallback():
+  schedule = get_schedule("linear")
+  x = jnp.asarray(oracle.all_sequences(V, L))  # 27 rows
+  rng = jax.random.key(3)
+  full = masked.nelbo(LOGITS_FN, x, rng, schedule, vocab_size=V)
+  for capacity in (x.size, 20, 1):  # enough room, tight, and the full-output fallback
+    gathered = masked.nelbo(LOGITS_FN, x, rng, schedule, vocab_size=V, head_capacity=capacity)
+    np.testing.assert_allclose(gathered, full, rtol=1e-5, atol=1e-5)
+
+
+def draw(num_samples=20000, **kw):
+  kw = {"num_steps": 100, **kw}
+  fn = jax.jit(functools.partial(masked.sample, LOGITS_FN, schedule=get_schedule("linear"),
+                                 batch_size=num_samples, seq_len=L, vocab_size=V, **kw))
+  return np.asarray(fn(jax.random.key(7)))
+
+
+@pytest.mark.parametrize("grid", ["uniform", "cosine"])
+def test_sampler_reproduces_p(grid):
+  samples = draw(grid=grid)
+  assert samples.min() >= 0 and samples.max() < V  # no mask left
+  tv = oracle.total_variation(samples, P)
+  assert tv < 0.05, tv
+  assert tv < 3 * oracle.expected_tv(P, len(samples)), tv
+
+
+def test_sampler_conditions_on_known_tokens():
+  known = jnp.array([0, 2, 0])
+  known_mask = jnp.array([False, True, False])
+  samples = draw(known=known, known_mask=known_mask)
+  assert np.all(samples[:, 1] == 2)
+  conditional = P[:, 2:3, :] / P[:, 2, :].sum()
+  padded = np.zeros_like(P)
+  padded[:, 2:3, :] = conditional
+  tv = oracle.total_variation(samples, padded)
+  assert tv < 0.05 and tv < 3 * oracle.expected_tv(padded, len(samples)), tv
+
+
+def test_few_steps_are_biased_many_steps_are_not():
+  # With one step every token is drawn independently from its marginal: a visible bias.
+  one_step = oracle.total_variation(draw(num_steps=1), P)
+  assert one_step > 0.1 > oracle.total_variation(draw(num_steps=100), P)
+
+
+def test_cache_gives_same_samples_with_fewer_calls():
+  kw = dict(batch_size=4, seq_len=L, vocab_size=V, num_steps=64, return_network_calls=True)
+  schedule = get_schedule("cosine")
+  rng = jax.random.key(11)
+  cached, cached_calls = jax.jit(lambda r: masked.sample(LOGITS_FN, r, schedule, **kw))(rng)
+  plain, plain_calls = jax.jit(
+      lambda r: masked.sample(LOGITS_FN, r, schedule, cache=False, **kw))(rng)
+  np.testing.assert_array_equal(cached, plain)
+  assert int(plain_calls) == 64
+  # At most one call per step that revealed something, plus the first: at most L * B + 1.
+  assert int(cached_calls) <= L * 4 + 1 < 64
+
+
+def test_adjust_logits_top_p_and_temperature():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  kept = np.isfinite(np.asarray(adjust_logits(logits, top_p=0.7)))
+  np.testing.assert_array_equal(kept, [True, True, False, False])
+  kept = np.isfinite(np.asarray(adjust_logits(logits, top_p=0.81)))
+  np.testing.assert_array_equal(kept, [True, True, True, False])
+  cooled = jax.nn.softmax(adjust_logits(logits, temperature=0.5))
+  np.testing.assert_allclose(cooled, np.array([0.5, 0.3, 0.15, 0.05])**2 / 0.365, rtol=1e-5)
+
+
+def test_sample_top_p_tiny_is_greedy_on_first_step():
+  # With top_p -> 0 each revealed token is the mode of its conditional at reveal time; in one
+  # step from all-mask that is the argmax of each position's marginal.
+  samples = draw(num_samples=64, num_steps=1, top_p=1e-6)
+  marginal_modes = [np.argmax(P.sum(axis=tuple(a for a in range(L) if a != n))) for n in range(L)]
+  assert np.all(samples == np.array(marginal_modes))
