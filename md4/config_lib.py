@@ -1,0 +1,121 @@
+"""The config schema: defaults every experiment starts from, and up-front validation.
+
+Experiment files in configs/ call `base()` and change what they need. `validate` runs before
+anything is built, so a bad value ends in one clear error line instead of a failure mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from md4.diffusion.schedules import get_schedule
+
+MODEL_TYPES = ("md4", "genmd4", "ggm", "ar")
+
+
+class ConfigError(ValueError):
+  """A config value is missing, unknown or inconsistent."""
+
+
+def base() -> ml_collections.ConfigDict:
+  """Defaults: a small character-level MD4 on the offline Shakespeare corpus."""
+  c = ml_collections.ConfigDict()
+  c.model_type = "md4"
+  c.seed = 0
+  c.seq_len = 128
+  c.vocab_size = 27  # must match the tokenizer; checked before training
+
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="text_files",  # text8 | text_files | owt | tfds
+      tokenizer="char",      # char | gpt2
+      path="data/shakespeare",
+      holdout_fraction=0.1,
+      tfds_name="", tfds_data_dir="", tfds_train_split="train", tfds_eval_split="validation",
+      text_key="text",
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      width=128, depth=4, num_heads=4, mlp_ratio=4.0, dropout=0.0, dtype="float32",
+      time_conditioning=True, remat=False,
+  ))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear",
+      num_steps=0,         # 0: continuous-time NELBO; T > 0: discrete time with T steps
+      head_fraction=1.0,   # < 1: output head only at masked positions (capacity fraction of B*L)
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
+      b1=0.9, b2=0.999, grad_clip=1.0,
+  ))
+  c.training = ml_collections.ConfigDict(dict(
+      batch_size=32, num_steps=1000, grad_accum=1, ema_decay=0.999, ema_warmup=True,
+      log_every=50, eval_every=500, checkpoint_every=500, keep_checkpoints=3,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=32, num_batches=16, weights=("params", "ema"),
+  ))
+  c.sampling = ml_collections.ConfigDict(dict(
+      every=0, num_samples=4, num_steps=128, grid="uniform", top_p=0.0, temperature=1.0,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  return c
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"config: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values and their consistency; raises ConfigError with one clear line."""
+  _require(config.model_type in MODEL_TYPES,
+           f"unknown model_type {config.model_type!r}; known: {', '.join(MODEL_TYPES)}")
+  try:
+    get_schedule(config.diffusion.schedule)
+  except ValueError as e:
+    raise ConfigError(f"config: diffusion.schedule: {e}") from None
+  t, m = config.training, config.model
+  _require(config.seq_len > 0, f"seq_len must be positive, got {config.seq_len}")
+  _require(m.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, "
+           f"got {m.dtype!r}")
+  _require(m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
+           f"model.width {m.width} must split into num_heads {m.num_heads} heads of even size")
+  _require(t.num_steps > 0, "training.num_steps must be positive")
+  for name in ("log_every", "eval_every", "checkpoint_every", "grad_accum"):
+    _require(t[name] > 0, f"training.{name} must be positive, got {t[name]}")
+  _require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
+  _require(t.batch_size % t.grad_accum == 0,
+           f"training.batch_size {t.batch_size} is not divisible by grad_accum {t.grad_accum}")
+  devices = jax.device_count()
+  micro = t.batch_size // t.grad_accum
+  _require(micro % devices == 0, f"the micro-batch {micro} (batch_size / grad_accum) is not "
+           f"divisible by the {devices} devices")
+  _require(config.eval.batch_size % devices == 0,
+           f"eval.batch_size {config.eval.batch_size} is not divisible by the {devices} devices")
+  for w in config.eval.weights:
+    _require(w in ("params", "ema"), f"eval.weights entries must be 'params' or 'ema', got {w!r}")
+  _require(config.sampling.grid in ("uniform", "cosine"),
+           f"sampling.grid must be uniform or cosine, got {config.sampling.grid!r}")
+  _require(config.sampling.num_steps > 0, "sampling.num_steps must be positive")
+  _require(0.0 <= config.sampling.top_p <= 1.0, "sampling.top_p must be in [0, 1] (0: off)")
+  _require(config.sampling.temperature > 0, "sampling.temperature must be positive")
+  _require(0.0 < config.diffusion.head_fraction <= 1.0, "diffusion.head_fraction must be in (0, 1]")
+
+
+def check_vocab(config: ml_collections.ConfigDict, data) -> int:
+  """The vocabulary size, checked against the data pipeline's tokenizer when there is one."""
+  if data is not None and data.vocab_size != config.vocab_size:
+    raise ConfigError(f"config: vocab_size {config.vocab_size} does not match the "
+                      f"{config.data.tokenizer!r} tokenizer's {data.vocab_size}")
+  return config.vocab_size
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config to workdir/config.json (process 0)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)

@@ -1,0 +1,207 @@
+"""Training-facing data pipelines: deterministic, checkpointable grain iterators.
+
+Every dataset becomes a random-access source of fixed-length int32[seq_len] sequences, split into
+training and held-out sources. Training: shuffle(seed) -> repeat (each epoch reshuffled) -> batch
+of `batch_size // process_count` rows; process p takes local batches p, p + P, p + 2P, ... so that
+the P processes together see exactly the global batches a single process would see. The iterator's
+state is a small JSON dict (`get_state()` / `set_state()`), saved with the checkpoint.
+
+data_config fields:
+  dataset: "text8" | "text_files" | "owt" | "tfds"
+  tokenizer: "char" | "gpt2"        (owt needs "gpt2"; tokenizer_path: optional GPT-2 ranks file)
+  path: text8 file/zip; text file, directory or glob; OWT shard directory; tfds data_dir
+  eval_split: text8 held-out split, "valid" (default) or "test"
+  holdout_fraction: text_files, the LAST fraction of the corpus is held out (default 0.1)
+  tfds_name, tfds_split (default "train"), tfds_eval_split (default "validation"), text_key
+  read_threads (default 2), prefetch (default 8): grain read options for training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from md4.data import corpora, owt, tokenizers
+
+KNOWN_DATASETS = ("text8", "text_files", "owt", "tfds")
+
+
+@dataclasses.dataclass
+class Datasets:
+  """What the trainer needs: an infinite training iterator and a repeatable held-out pass."""
+
+  train: Iterator[dict]  # {"tokens": int32[local_batch, seq_len]}; get_state() / set_state()
+  eval_batches: Callable[[], Iterable[dict]]  # same finite batches on every call
+  tokenizer: Any  # encode / decode / vocab_size
+  vocab_size: int
+  info: dict = dataclasses.field(default_factory=dict)  # sequence and batch counts
+
+
+class TokenChunks(Sequence):
+  """Non-overlapping int32[seq_len] chunks of a 1-D token stream (the ragged tail is dropped)."""
+
+  def __init__(self, stream: np.ndarray, seq_len: int):
+    self.stream, self.seq_len = stream, seq_len
+
+  def __len__(self) -> int:
+    return len(self.stream) // self.seq_len
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    start = index * self.seq_len
+    return self.stream[start:start + self.seq_len].astype(np.int32)
+
+
+def encode_stream(tokenizer, text: str, piece: int = 1 << 24) -> np.ndarray:
+  """Encodes a long text into a compact 1-D token array (uint8 or uint16)."""
+  dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16
+  if isinstance(tokenizer, tokenizers.CharTokenizer):  # per-character: pieces bound the memory
+    parts = [tokenizer.encode(text[i:i + piece]).astype(dtype) for i in range(0, len(text), piece)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+  return tokenizer.encode(text).astype(dtype)
+
+
+def _documents_stream(tokenizer, texts: list[str]) -> np.ndarray:
+  """Char: cleaned texts joined by spaces. GPT-2: each text followed by <|endoftext|>."""
+  if isinstance(tokenizer, tokenizers.CharTokenizer):
+    return encode_stream(tokenizer, " ".join(corpora.clean_text8(t) for t in texts))
+  eot = np.array([tokenizer.eot_id], np.uint16)
+  parts = [p for ids in tokenizer.encode_batch(texts) for p in (ids.astype(np.uint16), eot)]
+  return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def _text_streams(cfg, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
+  """(train tokens, held-out tokens, description) for the text datasets."""
+  dataset = cfg.get("dataset")
+  path = cfg.get("path")
+  if dataset == "text8":
+    if not path:
+      raise ValueError("data.path must name the text8 file or text8.zip for dataset 'text8'")
+    splits = corpora.load_text8(path)
+    eval_split = cfg.get("eval_split", "valid")
+    if eval_split not in ("valid", "test"):
+      raise ValueError(f"data.eval_split for text8 must be 'valid' or 'test', not {eval_split!r}")
+    return (encode_stream(tokenizer, splits["train"]), encode_stream(tokenizer, splits[eval_split]),
+            f"text8 train / {eval_split}")
+  if dataset == "text_files":
+    if not path:
+      raise ValueError("data.path must name a text file, directory or glob for 'text_files'")
+    text = corpora.read_text_files(path)
+    if isinstance(tokenizer, tokenizers.CharTokenizer):
+      text = corpora.clean_text8(text)
+    fraction = cfg.get("holdout_fraction", 0.1)
+    if not 0 < fraction < 1:
+      raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}")
+    cut = int(round(len(text) * (1 - fraction)))  # characters [0, cut) train, [cut, end) held out
+    return (encode_stream(tokenizer, text[:cut]), encode_stream(tokenizer, text[cut:]),
+            f"{path}: first {1 - fraction:.0%} train, last {fraction:.0%} held out")
+  # tfds: read a prepared dataset without TensorFlow.
+  import tensorflow_datasets as tfds
+
+  name, key = cfg.get("tfds_name"), cfg.get("text_key", "text")
+  if not name:
+    raise ValueError("data.tfds_name must be set for dataset 'tfds'")
+  streams = []
+  for split in (cfg.get("tfds_split", "train"), cfg.get("tfds_eval_split", "validation")):
+    source = tfds.data_source(name, split=split, data_dir=path)
+    texts = [r[key].decode("utf-8") if isinstance(r[key], bytes) else str(r[key]) for r in source]
+    streams.append(_documents_stream(tokenizer, texts))
+  return streams[0], streams[1], f"tfds {name}"
+
+
+def _owt_sources(cfg, tokenizer, seq_len: int) -> tuple[Sequence, Sequence, str]:
+  """Packed OWT train / valid sources after checking seq_len and vocabulary against the config."""
+  path = cfg.get("path")
+  if not path:
+    raise ValueError("data.path must name the prepared OWT shard directory for dataset 'owt'")
+  meta = owt.read_meta(path)
+  if meta["vocab_size"] != tokenizer.vocab_size or meta["tokenizer"] != cfg.get("tokenizer"):
+    raise ValueError(
+      f"Vocabulary mismatch: OWT shards in {path} use {meta['tokenizer']} "
+      f"(vocab {meta['vocab_size']}), the config uses {cfg.get('tokenizer')} "
+      f"(vocab {tokenizer.vocab_size})"
+    )
+  if meta["seq_len"] != seq_len:
+    raise ValueError(
+      f"seq_len mismatch: OWT shards in {path} hold sequences of {meta['seq_len']} tokens, "
+      f"the config asks for {seq_len}; re-run `python -m md4.data.prepare owt --seq_len {seq_len}`"
+    )
+  return (owt.PackedSequences(path, "train"), owt.PackedSequences(path, "valid"),
+          f"OWT shards {path}")
+
+
+def _as_example(tokens: np.ndarray) -> dict:
+  return {"tokens": tokens}
+
+
+def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
+                    process_index: int = 0, process_count: int = 1,
+                    eval_batch_size: int | None = None) -> Datasets:
+  """Builds the training iterator and held-out batches described by `data_config`.
+
+  Args:
+    data_config: ConfigDict (or dict) with the fields in the module docstring.
+    seq_len: tokens per sequence.
+    batch_size: GLOBAL batch size; this process yields batch_size // process_count rows.
+    seed: shuffling seed (each epoch is reshuffled deterministically from it).
+    process_index, process_count: this host's place among the data-loading processes.
+    eval_batch_size: global held-out batch size (default batch_size); the ragged tail is dropped.
+  """
+  dataset = data_config.get("dataset")
+  if dataset not in KNOWN_DATASETS:
+    raise ValueError(f"Unknown dataset {dataset!r}; known: {list(KNOWN_DATASETS)}")
+  eval_batch_size = eval_batch_size or batch_size
+  for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+    if size <= 0 or size % process_count:
+      raise ValueError(f"{name} {size} is not a positive multiple of process_count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  tok_name = data_config.get("tokenizer", "char")
+  tok_kw = {"ranks_path": data_config.get("tokenizer_path")} if tok_name == "gpt2" else {}
+  tokenizer = tokenizers.get_tokenizer(tok_name, **tok_kw)
+
+  if dataset == "owt":
+    train_src, eval_src, desc = _owt_sources(data_config, tokenizer, seq_len)
+  else:
+    train_stream, eval_stream, desc = _text_streams(data_config, tokenizer)
+    for split, stream in (("training", train_stream), ("held-out", eval_stream)):
+      if len(stream) < seq_len:
+        raise ValueError(
+          f"seq_len {seq_len} is longer than the {split} data of {desc} ({len(stream)} tokens)"
+        )
+    train_src, eval_src = TokenChunks(train_stream, seq_len), TokenChunks(eval_stream, seq_len)
+
+  local_batch = batch_size // process_count
+  train = (grain.MapDataset.source(train_src).map(_as_example)
+           .shuffle(seed=seed % 2**32).repeat()
+           .batch(local_batch, drop_remainder=True)
+           .slice(slice(process_index, None, process_count)))
+  read_options = grain.ReadOptions(num_threads=data_config.get("read_threads", 2),
+                                   prefetch_buffer_size=data_config.get("prefetch", 8))
+  train_iter = iter(train.to_iter_dataset(read_options))
+
+  num_eval_batches = len(eval_src) // eval_batch_size
+  if num_eval_batches == 0:
+    raise ValueError(
+      f"The held-out data of {desc} has {len(eval_src)} sequences of {seq_len} tokens, fewer "
+      f"than one eval batch of {eval_batch_size}; lower eval_batch_size or seq_len"
+    )
+  local_eval = eval_batch_size // process_count
+  eval_ds = (grain.MapDataset.source(eval_src).map(_as_example)
+             .slice(slice(0, num_eval_batches * eval_batch_size))
+             .batch(local_eval, drop_remainder=True)
+             .slice(slice(process_index, None, process_count)))
+
+  def eval_batches() -> Iterator[dict]:
+    return iter(eval_ds.to_iter_dataset(read_options))
+
+  info = {"description": desc, "train_sequences": len(train_src),
+          "eval_sequences": len(eval_src), "eval_batches": num_eval_batches,
+          "local_batch_size": local_batch}
+  return Datasets(train=train_iter, eval_batches=eval_batches, tokenizer=tokenizer,
+                  vocab_size=tokenizer.vocab_size, info=info)

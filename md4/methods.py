@@ -1,0 +1,103 @@
+"""The registry that wires a network to a diffusion method, keyed by `config.model_type`.
+
+A method owns four pure functions that the training loop calls:
+  init(rng) -> params
+  loss(params, tokens, rng, train) -> (scalar loss, metrics)      # averaged over the batch
+  evaluate(params, tokens, rng) -> {name: float[B]}                # per-example sums
+  sample(params, rng, batch_size, known, known_mask) -> int[B, L]
+Networks know nothing of diffusion and diffusion code knows nothing of networks; this module is
+the only place where the two meet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from md4.diffusion import masked
+from md4.diffusion.schedules import get_schedule
+from md4.networks.transformer import Transformer
+
+Array = jnp.ndarray
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
+                      num_embeddings: int, causal: bool = False) -> Transformer:
+  m = config.model
+  return Transformer(vocab_size=vocab_size, num_embeddings=num_embeddings, width=m.width,
+                     depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                     dropout=m.dropout, dtype=DTYPES[m.dtype],
+                     time_conditioning=m.time_conditioning, causal=causal, remat=m.remat)
+
+
+def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool) -> Callable:
+  """The `logits_fn(tokens, t, head_index=None)` callable of a Flax module and its params."""
+
+  def logits_fn(tokens: Array, t: Array, head_index: Array | None = None) -> Array:
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    return model.apply({"params": params}, tokens, t, head_index=head_index, train=train,
+                       rngs=rngs)
+
+  return logits_fn
+
+
+@dataclasses.dataclass
+class MD4:
+  """Masked diffusion (SPEC section 1) with a time-conditioned bidirectional transformer."""
+
+  config: ml_collections.ConfigDict
+  vocab_size: int
+  # Metrics with these names are nats per sequence and become bits_per_token / ppl in reports.
+  likelihood_metrics = ("nelbo",)
+
+  def __post_init__(self):
+    self.model = build_transformer(self.config, self.vocab_size,
+                                   num_embeddings=self.vocab_size + 1)
+    self.schedule = get_schedule(self.config.diffusion.schedule)
+
+  def init(self, rng: Array) -> Any:
+    seq_len = self.config.seq_len
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return self.model.init(rng, tokens, jnp.zeros((1,)))["params"]
+
+  def _nelbo(self, params, tokens, rng, train):
+    net_rng, diffusion_rng = jax.random.split(rng)
+    capacity = None
+    if self.config.diffusion.head_fraction < 1.0:
+      capacity = math.ceil(self.config.diffusion.head_fraction * tokens.size)
+    return masked.nelbo(network_fn(self.model, params, net_rng, train), tokens, diffusion_rng,
+                        self.schedule, vocab_size=self.vocab_size,
+                        num_steps=self.config.diffusion.num_steps, head_capacity=capacity)
+
+  def loss(self, params, tokens, rng, train=True):
+    nelbo = self._nelbo(params, tokens, rng, train)
+    loss = nelbo.mean() / tokens.shape[1]  # nats per token
+    return loss, {"loss": loss}
+
+  def evaluate(self, params, tokens, rng):
+    return {"nelbo": self._nelbo(params, tokens, rng, train=False)}
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    s = self.config.sampling
+    return masked.sample(network_fn(self.model, params, None, False), rng, self.schedule,
+                         batch_size=batch_size, seq_len=self.config.seq_len,
+                         vocab_size=self.vocab_size, num_steps=s.num_steps,
+                         top_p=s.top_p or None, temperature=s.temperature, grid=s.grid,
+                         known=known, known_mask=known_mask)
+
+
+METHODS: dict[str, type] = {"md4": MD4}
+
+
+def create(config: ml_collections.ConfigDict, vocab_size: int):
+  """The method named by config.model_type."""
+  if config.model_type not in METHODS:
+    raise ValueError(f"unknown model_type {config.model_type!r}; known: {', '.join(METHODS)}")
+  return METHODS[config.model_type](config, vocab_size)

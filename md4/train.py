@@ -1,0 +1,251 @@
+"""The training loop, read top to bottom: data -> mesh -> state -> (resume) -> steps -> eval,
+samples and checkpoints. Also the `eval` and `sample` modes, which reuse the same set-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from md4 import checkpointing, config_lib, evaluate, methods, sharding
+from md4.data.pipeline import create_datasets
+from md4.metric_writers import MetricWriter
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient became NaN/inf; the run stops before writing a checkpoint."""
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
+  """AdamW with linear warm-up, cosine (or constant) decay and global-norm clipping."""
+  o = config.optimizer
+  if o.schedule == "cosine":
+    decay_steps = max(num_steps, o.warmup_steps + 1)
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps,
+                                            end_value=o.lr * o.min_lr_ratio)
+  else:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
+                               optax.constant_schedule(o.lr)], [o.warmup_steps])
+  decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)  # no decay on norms, biases
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+                   optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
+                               mask=decay_mask))
+  return tx, lr
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """EMA decay, warmed up as min(decay, (1 + step) / (10 + step)) when ema_warmup is set."""
+  decay = jnp.asarray(config.training.ema_decay, jnp.float32)
+  if config.training.ema_warmup:
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collections.ConfigDict,
+               rng: jax.Array) -> tuple[dict, dict]:
+  """One optimizer step (with optional gradient accumulation); skips non-finite updates.
+
+  The step's randomness is fold_in(rng, step), so a resumed run draws the same keys.
+  """
+  step = state["step"]
+  rng = jax.random.fold_in(rng, step)
+  tokens = batch["tokens"]
+  accum = config.training.grad_accum
+  grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+
+  def micro(carry, xs):
+    micro_tokens, micro_rng = xs
+    (_, metrics), grads = grad_fn(state["params"], micro_tokens, micro_rng)
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  micro_batches = tokens.reshape(accum, -1, *tokens.shape[1:])
+  (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, state["params"], micro_batches[0], rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
+  (grads, metrics), _ = jax.lax.scan(micro, zeros, (micro_batches, jax.random.split(rng, accum)))
+  grads, metrics = jax.tree.map(lambda g: g / accum, (grads, metrics))
+
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  decay = ema_decay(config, step)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+  new_state = {"step": step + 1, "params": params, "opt_state": opt_state, "ema": ema}
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                           {**state, "step": step + 1})
+  metrics = {**metrics, "grad_norm": grad_norm, "lr": lr(step),
+             "nonfinite": 1 - finite.astype(jnp.int32)}
+  return new_state, metrics
+
+
+def init_state(method, tx, rng: jax.Array) -> dict:
+  """Params, optimizer moments, EMA params and the step counter."""
+  params = method.init(rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "ema": params}
+
+
+class Run:
+  """Everything a mode needs: config, mesh, data, method, optimizer, jitted steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True):
+    config_lib.validate(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    self.data = create_datasets(
+        config.data, seq_len=config.seq_len, batch_size=config.training.batch_size,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        eval_batch_size=config.eval.batch_size) if with_data else None
+    vocab_size = config_lib.check_vocab(config, self.data)
+    self.method = methods.create(config, vocab_size)
+    self.tx, self.lr = make_optimizer(config, config.training.num_steps)
+    # Independent streams for init, training steps, evaluation and sampling.
+    self.init_rng, self.train_rng, self.eval_rng, self.sample_rng = jax.random.split(
+        jax.random.key(config.seed), 4)
+    self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                   max_to_keep=config.training.keep_checkpoints)
+
+    # The train state: params, optimizer moments, EMA params and the step. Shapes first, then the
+    # shardings (FSDP where large), then the real thing materialised directly in that layout.
+    init = functools.partial(init_state, self.method, self.tx)
+    abstract = jax.eval_shape(init, self.init_rng)
+    self.state_sharding = sharding.state_shardings(self.mesh, abstract)
+    self._init_state = jax.jit(init, out_shardings=self.state_sharding)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_sharding)
+    step_fn = functools.partial(train_step, method=self.method, tx=self.tx, lr=self.lr,
+                                config=config, rng=self.train_rng)
+    self.train_step = jax.jit(step_fn, donate_argnums=0,
+                              out_shardings=(self.state_sharding, None))
+    self.eval_step = jax.jit(lambda params, batch, rng: self.method.evaluate(
+        params, batch["tokens"], rng))
+    self.sample_step = jax.jit(self.method.sample, static_argnums=2)
+
+  def restore_or_init(self) -> tuple[dict, int]:
+    """The newest readable checkpoint of the workdir, or a fresh state at step 0."""
+    restored = self.checkpointer.restore_latest(self.abstract_state)
+    if restored is None:
+      return self._init_state(self.init_rng), 0
+    step, state, data_state = restored
+    if self.data is not None:
+      self.data.train.set_state(data_state)
+    logging.info("resumed from the checkpoint at step %d", step)
+    return state, step
+
+  def evaluate(self, params: Any, *, num_batches: int) -> dict[str, float]:
+    """Method metrics on held-out data (fixed batches and keys; means per example)."""
+    return evaluate.held_out(self.eval_step, params, self.data.eval_batches(), self.mesh,
+                             rng=self.eval_rng, num_batches=num_batches,
+                             seq_len=self.config.seq_len,
+                             likelihood_metrics=self.method.likelihood_metrics)
+
+  def draw_samples(self, params: Any, step: int, *, known=None, known_mask=None,
+                   name: str | None = None) -> dict[str, float]:
+    """Samples from `params`, written to samples/<name or step_N>.txt; returns sample metrics."""
+    num = self.config.sampling.num_samples
+    rng = jax.random.fold_in(self.sample_rng, step)
+    tokens = np.asarray(self.sample_step(params, rng, num, known, known_mask))
+    texts = [self.data.tokenizer.decode(row) for row in tokens]
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+      path = os.path.join(self.workdir, "samples", f"{name or f'step_{step}'}.txt")
+      with open(path, "w") as f:
+        f.write("\n\n".join(texts) + "\n")
+    return {"unigram_entropy": float(evaluate.unigram_entropy(tokens).mean())}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
+  run = Run(config, workdir)
+  t = config.training
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  config_lib.save(config, workdir)
+  state, start = run.restore_or_init()
+  logging.info("parameters: %s", f"{evaluate.count_params(state['params']):,}")
+  tokens_per_step = t.batch_size * config.seq_len
+  pending, tick = [], time.perf_counter()
+
+  for step in range(start + 1, t.num_steps + 1):
+    batch = sharding.global_batch(run.mesh, next(run.data.train))
+    state, metrics = run.train_step(state, batch)
+    pending.append(metrics)
+
+    if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.num_steps:
+      # Fetching the metrics is the only host sync; it also guards every checkpoint.
+      window = jax.device_get(pending)
+      elapsed, tick, pending = time.perf_counter() - tick, time.perf_counter(), []
+      logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      if any(m["nonfinite"] for m in window):
+        writer.write(step, "train", logged)
+        last = run.checkpointer.latest_step()
+        raise NonFiniteError(f"non-finite loss or gradient at step {step} (lr {logged['lr']:.3g}); "
+                             f"stopped without saving; last good checkpoint: step {last}")
+      del logged["nonfinite"]
+      logged["tokens_per_s"] = tokens_per_step * len(window) / elapsed
+      if run.method.likelihood_metrics:
+        logged.update(evaluate.likelihood_report(logged["loss"]))
+      writer.write(step, "train", logged)
+
+    if step % t.eval_every == 0 or step == t.num_steps:
+      for weights in config.eval.weights:
+        report = run.evaluate(state[weights], num_batches=config.eval.num_batches)
+        writer.write(step, "eval", {**report, "weights": weights})
+
+    if config.sampling.every and (step % config.sampling.every == 0 or step == t.num_steps):
+      writer.write(step, "sample", {**run.draw_samples(state["ema"], step), "weights": "ema"})
+
+    if step % t.checkpoint_every == 0 or step == t.num_steps:
+      run.checkpointer.save(step, state, run.data.train.get_state())
+
+  run.checkpointer.close()
+  writer.close()
+  return state
+
+
+def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str
+                           ) -> tuple[Run, dict, int]:
+  run = Run(config, workdir)
+  restored = run.checkpointer.restore_latest(run.abstract_state)
+  if restored is None:
+    raise checkpointing.CheckpointError(f"no checkpoint in {run.checkpointer.directory}; "
+                                        "train first (--mode=train)")
+  step, state, _ = restored
+  return run, state, step
+
+
+def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Held-out metrics of the newest checkpoint's EMA weights (mode=eval)."""
+  run, state, step = _restore_for_inference(config, workdir)
+  report = {**run.evaluate(state["ema"], num_batches=config.eval.num_batches), "weights": "ema"}
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write(step, "eval_only", report)
+  writer.close()
+  return report
+
+
+def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str | None = None
+                ) -> str:
+  """Writes samples of the newest checkpoint's EMA weights to samples/final_step_N.txt."""
+  run, state, step = _restore_for_inference(config, workdir)
+  known = known_mask = None
+  if prompt:
+    ids = run.data.tokenizer.encode(prompt)[: config.seq_len]
+    known = np.zeros((config.seq_len,), np.int32)
+    known[: len(ids)] = ids
+    known_mask = np.arange(config.seq_len) < len(ids)
+  name = f"final_step_{step}"
+  report = run.draw_samples(state["ema"], step, known=known, known_mask=known_mask, name=name)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write(step, "sample_only", {**report, "weights": "ema"})
+  writer.close()
+  return os.path.join(workdir, "samples", f"{name}.txt")

@@ -1,0 +1,288 @@
+"""Tests for md4.data: tokenizers, corpora, OWT shards and the grain pipelines."""
+
+import json
+import pathlib
+import time
+import zipfile
+
+import ml_collections
+import numpy as np
+import pytest
+
+from md4.data import corpora, owt, pipeline, tokenizers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "data" / "shakespeare"
+needs_gpt2 = pytest.mark.skipif(
+  not tokenizers.DEFAULT_GPT2_RANKS.is_file(),
+  reason="data/gpt2.tiktoken absent: run `python -m md4.data.prepare gpt2 --out data`",
+)
+
+
+def _random_text(seed: int, num_words: int) -> str:
+  """Random lowercase words: every 32-character window is unique with overwhelming probability."""
+  rng = np.random.default_rng(seed)
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+  return " ".join("".join(rng.choice(letters, rng.integers(1, 9))) for _ in range(num_words))
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+  """Two small text files (with capitals and punctuation to be cleaned) and their cleaned text."""
+  d = tmp_path / "corpus"
+  d.mkdir()
+  a, b = _random_text(0, 3000), _random_text(1, 3000)
+  (d / "b.txt").write_text(b.upper() + "!")
+  (d / "a.txt").write_text(a.title() + ",")
+  return d, corpora.clean_text8(a + "\n" + b)
+
+
+def _cfg(**kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"dataset": "text_files", "tokenizer": "char", **kw})
+
+
+def _take(it, n):
+  return [next(it)["tokens"] for _ in range(n)]
+
+
+def test_char_tokenizer():
+  tok = tokenizers.get_tokenizer("char")
+  ids = tok.encode("hello zebra")
+  assert ids.dtype == np.int32 and tok.vocab_size == 27
+  np.testing.assert_array_equal(ids, [7, 4, 11, 11, 14, 26, 25, 4, 1, 17, 0])
+  assert tok.decode(ids) == "hello zebra"
+  assert tok.decode([0, 27, 26, 25, -1]) == "a_ z_"  # out-of-vocabulary (mask) ids -> '_'
+  with pytest.raises(ValueError, match="only a-z and space"):
+    tok.encode("Hello")
+
+
+@needs_gpt2
+def test_gpt2_tokenizer():
+  tok = tokenizers.get_tokenizer("gpt2")
+  assert tok.encode("Hello world").tolist() == [15496, 995]
+  assert (tok.vocab_size, tok.eot_id) == (50257, 50256)
+  text = "It's 2024: naïve café, ünïcödé & emoji 🙂\n\n  spaces."
+  assert tok.decode(tok.encode(text)) == text
+  assert tok.decode([15496, 50257, 995]) == "Hello[MASK] world"
+  assert tok.decode([50256]) == "<|endoftext|>"
+
+
+def test_get_tokenizer_unknown():
+  with pytest.raises(ValueError, match=r"Unknown tokenizer 'bpe'; known: \['char', 'gpt2'\]"):
+    tokenizers.get_tokenizer("bpe")
+
+
+def test_clean_text8():
+  assert corpora.clean_text8("Hello, World!") == "hello world"
+  assert corpora.clean_text8("  It's 42 o'clock\n\tNOW.  ") == "it s four two o clock now"
+  assert corpora.clean_text8("café—naïve") == "caf na ve"
+  assert corpora.clean_text8("...") == ""
+
+
+def test_load_text8_split(tmp_path):
+  text = "a" * 90_000_000 + "b" * 5_000_000 + "c" * 5_000_000
+  with zipfile.ZipFile(tmp_path / "text8.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("text8", text)
+  splits = corpora.load_text8(tmp_path)  # finds text8.zip in the directory
+  assert {k: (len(v), set(v)) for k, v in splits.items()} == {
+    "train": (90_000_000, {"a"}), "valid": (5_000_000, {"b"}), "test": (5_000_000, {"c"})}
+  with pytest.raises(FileNotFoundError, match="text8 not found"):
+    corpora.load_text8(tmp_path / "nope.zip")
+
+
+def test_read_text_files(tmp_path):
+  (tmp_path / "b.txt").write_text("second")
+  (tmp_path / "a.txt").write_text("first")
+  (tmp_path / "c.md").write_text("ignored")
+  assert corpora.read_text_files(tmp_path) == "first\nsecond"
+  assert corpora.read_text_files(str(tmp_path / "*.md")) == "ignored"
+  with pytest.raises(FileNotFoundError, match="No text files match"):
+    corpora.read_text_files(tmp_path / "missing" / "*.txt")
+
+
+def test_determinism_and_epochs(corpus):
+  path, text = corpus
+  make = lambda seed: pipeline.create_datasets(_cfg(path=str(path)), seq_len=32, batch_size=8,
+                                               seed=seed)
+  a, b, c = make(0), make(0), make(1)
+  batches_a = _take(a.train, 10)
+  assert all(x.shape == (8, 32) and x.dtype == np.int32 for x in batches_a)
+  np.testing.assert_array_equal(batches_a, _take(b.train, 10))
+  assert not np.array_equal(batches_a, _take(c.train, 10))
+  # Two epochs: each is a permutation of all training chunks, and the two orders differ.
+  n = a.info["train_sequences"]
+  chunks = pipeline.TokenChunks(a.tokenizer.encode(text[:int(round(len(text) * 0.9))]), 32)
+  assert n == len(chunks)
+  rows = np.concatenate(batches_a + _take(a.train, 2 * n // 8))[:2 * n]
+  all_chunks = np.stack([chunks[i] for i in range(n)])
+  key = lambda x: sorted(map(bytes, x.astype(np.uint8)))
+  assert key(rows[:n]) == key(all_chunks) and key(rows[n:]) == key(all_chunks)
+  assert not np.array_equal(rows[:n], rows[n:])
+
+
+def test_checkpoint_resume(corpus):
+  path, _ = corpus
+  make = lambda: pipeline.create_datasets(_cfg(path=str(path)), seq_len=32, batch_size=4, seed=3)
+  first = make()
+  _take(first.train, 7)
+  state = json.loads(json.dumps(first.train.get_state()))  # must survive JSON
+  expected = _take(first.train, 30)  # crosses an epoch boundary (21 chunks / 4 per batch)
+  resumed = make()
+  resumed.train.set_state(state)
+  np.testing.assert_array_equal(_take(resumed.train, 30), expected)
+
+
+def test_holdout_disjoint_and_eval_repeatable(corpus):
+  path, text = corpus
+  ds = pipeline.create_datasets(_cfg(path=str(path), holdout_fraction=0.2), seq_len=16,
+                                batch_size=8, seed=0, eval_batch_size=5)
+  tok = ds.tokenizer
+  cut = int(round(len(text) * 0.8))
+  n_eval = (len(text) - cut) // 16
+  assert ds.info["eval_sequences"] == n_eval and ds.info["eval_batches"] == n_eval // 5
+  eval_rows = np.concatenate([b["tokens"] for b in ds.eval_batches()])
+  assert eval_rows.shape == (n_eval // 5 * 5, 16)  # ragged last batch dropped
+  # Held-out rows are exactly the consecutive chunks of the last 20% of the characters.
+  assert tok.decode(eval_rows.reshape(-1)) == text[cut:cut + eval_rows.size]
+  again = [b["tokens"] for b in ds.eval_batches()]
+  np.testing.assert_array_equal(np.concatenate(again), eval_rows)
+  # A full epoch of training rows covers only characters [0, cut): no held-out chunk is in it.
+  train_rows = np.concatenate(_take(ds.train, ds.info["train_sequences"] // 8 + 1))
+  train_text = text[:cut]
+  assert all(tok.decode(r) in train_text for r in train_rows[:50])
+  assert not {bytes(r.astype(np.uint8)) for r in train_rows} & {
+    bytes(r.astype(np.uint8)) for r in eval_rows}
+  assert all(tok.decode(r) not in train_text for r in eval_rows)
+
+
+def test_process_shards_cover_global_batch(corpus):
+  path, _ = corpus
+  make = lambda i, n: pipeline.create_datasets(
+    _cfg(path=str(path)), seq_len=16, batch_size=8, seed=5, process_index=i, process_count=n,
+    eval_batch_size=6)
+  single, p0, p1 = make(0, 1), make(0, 2), make(1, 2)
+  for _ in range(12):
+    g, a, b = next(single.train)["tokens"], next(p0.train)["tokens"], next(p1.train)["tokens"]
+    assert a.shape == b.shape == (4, 16)
+    np.testing.assert_array_equal(np.concatenate([a, b]), g)
+    assert not {bytes(r.astype(np.uint8)) for r in a} & {bytes(r.astype(np.uint8)) for r in b}
+  ev = [list(d.eval_batches()) for d in (single, p0, p1)]
+  assert len(ev[0]) == len(ev[1]) == len(ev[2]) == single.info["eval_batches"]
+  for g, a, b in zip(*ev, strict=True):
+    np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), g["tokens"])
+
+
+def test_config_errors(corpus, tmp_path):
+  path, _ = corpus
+  kw = dict(seq_len=16, batch_size=8, seed=0)
+  with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'; known: \['text8', "):
+    pipeline.create_datasets(_cfg(dataset="imagenet"), **kw)
+  with pytest.raises(FileNotFoundError, match="No text files match"):
+    pipeline.create_datasets(_cfg(path=str(tmp_path / "nothing")), **kw)
+  with pytest.raises(FileNotFoundError, match="text8 not found"):
+    pipeline.create_datasets(_cfg(dataset="text8", path=str(tmp_path / "text8.zip")), **kw)
+  with pytest.raises(ValueError, match="seq_len 100000 is longer than the training data"):
+    pipeline.create_datasets(_cfg(path=str(path)), seq_len=100_000, batch_size=8, seed=0)
+  with pytest.raises(ValueError, match="batch_size 8 is not a positive multiple of process_c"):
+    pipeline.create_datasets(_cfg(path=str(path)), seq_len=16, batch_size=8, seed=0,
+                             process_count=3)
+  with pytest.raises(ValueError, match="fewer than one eval batch of 4096"):
+    pipeline.create_datasets(_cfg(path=str(path)), eval_batch_size=4096, **kw)
+  with pytest.raises(FileNotFoundError, match="not a prepared OWT directory"):
+    pipeline.create_datasets(_cfg(dataset="owt", path=str(tmp_path)), **kw)
+
+
+DOCS = [f"Document {i}: the quick brown fox number {i} jumps over {i * 7} lazy dogs.\n"
+        + "More text here. " * (i % 3) for i in range(12)]
+
+
+@needs_gpt2
+def test_owt_shards(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  with (src / "docs.jsonl").open("w") as f:
+    for d in DOCS[:10]:
+      f.write(json.dumps({"text": d}) + "\n")
+  (src / "zz.txt").write_text(DOCS[10])  # a .txt file is one document
+  (src / "zzz.txt").write_text(DOCS[11])
+  out = tmp_path / "owt"
+  meta = owt.prepare_owt(out, seq_len=16, source=src, holdout_fraction=0.25, shard_size=5)
+  tok = tokenizers.GPT2Tokenizer()
+  valid_idx = [3, 7, 11]  # floor((i + 1) / 4) > floor(i / 4)
+  assert [i for i in range(12) if owt.is_heldout(i, 0.25)] == valid_idx
+  for split, idx in (("train", [i for i in range(12) if i not in valid_idx]), ("valid", valid_idx)):
+    stream = np.concatenate([np.append(tok.encode(DOCS[i]), tok.eot_id) for i in idx])
+    n = len(stream) // 16
+    info = meta["splits"][split]
+    assert info == {"documents": len(idx), "sequences": n, "tokens": 16 * n,
+                    "dropped_tokens": len(stream) - 16 * n, "shards": -(-n // 5)}
+    assert sorted(p.name for p in out.glob(f"{split}-*")) == [
+      f"{split}-{i:05d}-of-{info['shards']:05d}.array_record" for i in range(info["shards"])]
+    source = owt.PackedSequences(out, split)
+    got = np.concatenate([source[i] for i in range(len(source))])
+    np.testing.assert_array_equal(got, stream[:16 * n])
+    text = tok.decode(got)
+    full = "".join(DOCS[i] + "<|endoftext|>" for i in idx)
+    assert text == full[:len(text)] and text.count("<|endoftext|>") >= len(idx) - 1
+  assert (meta["seq_len"], meta["vocab_size"], meta["tokenizer"]) == (16, 50257, "gpt2")
+  assert owt.prepare_owt(out, seq_len=16, source=src) == meta  # idempotent
+
+  cfg = ml_collections.ConfigDict({"dataset": "owt", "tokenizer": "gpt2", "path": str(out)})
+  ds = pipeline.create_datasets(cfg, seq_len=16, batch_size=4, seed=0, eval_batch_size=2)
+  batch = next(ds.train)["tokens"]
+  assert batch.shape == (4, 16) and batch.dtype == np.int32 and ds.vocab_size == 50257
+  assert len(list(ds.eval_batches())) == meta["splits"]["valid"]["sequences"] // 2
+  with pytest.raises(ValueError, match="seq_len mismatch: OWT shards .* hold sequences of 16"):
+    pipeline.create_datasets(cfg, seq_len=32, batch_size=4, seed=0)
+  cfg.tokenizer = "char"
+  with pytest.raises(ValueError, match=r"Vocabulary mismatch: .* gpt2 \(vocab 50257\), the con"):
+    pipeline.create_datasets(cfg, seq_len=16, batch_size=4, seed=0)
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_dir(), reason="run `python -m md4.data.prepare shakespeare`")
+def test_shakespeare_corpus():
+  start = time.perf_counter()
+  cfg = _cfg(path=str(SHAKESPEARE))
+  ds = pipeline.create_datasets(cfg, seq_len=128, batch_size=32, seed=0)
+  elapsed = time.perf_counter() - start
+  text = corpora.clean_text8(corpora.read_text_files(SHAKESPEARE))
+  assert len(text) == 4_749_703 and elapsed < 5.0
+  cut = int(round(len(text) * 0.9))
+  assert ds.info["train_sequences"] == cut // 128
+  assert ds.info["eval_sequences"] == (len(text) - cut) // 128
+  first_eval = next(iter(ds.eval_batches()))["tokens"]
+  assert ds.tokenizer.decode(first_eval[0]) == text[cut:cut + 128]
+  assert ds.tokenizer.decode(next(ds.train)["tokens"][0]) in text[:cut]
+
+
+def test_tfds_prepared_dataset(tmp_path):
+  """A tiny tfds dataset prepared offline (ArrayRecord, no TensorFlow) read via tfds.data_source."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  splits = {"train": [_random_text(i, 200) for i in range(3)],
+            "validation": [_random_text(10, 200).upper(), "Two words."]}
+
+  class Md4TestTinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # No checksums file to look up (that lookup needs `importlib_resources`).
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {name: self._generate_examples(docs) for name, docs in splits.items()}
+
+    def _generate_examples(self, docs):
+      for i, doc in enumerate(docs):
+        yield i, {"text": doc}
+
+  Md4TestTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  cfg = _cfg(dataset="tfds", tfds_name="md4_test_tiny_text", path=str(tmp_path))
+  ds = pipeline.create_datasets(cfg, seq_len=16, batch_size=4, seed=0, eval_batch_size=2)
+  held_out = " ".join(corpora.clean_text8(t) for t in splits["validation"])
+  eval_rows = np.concatenate([b["tokens"] for b in ds.eval_batches()])
+  assert ds.info["eval_sequences"] == len(held_out) // 16
+  assert ds.tokenizer.decode(eval_rows.reshape(-1)) == held_out[:eval_rows.size]
+  train_text = " ".join(corpora.clean_text8(t) for t in splits["train"])
+  assert ds.info["train_sequences"] == len(train_text) // 16
+  assert all(ds.tokenizer.decode(r) in train_text for r in next(ds.train)["tokens"])

