@@ -12,9 +12,8 @@ import os
 import jax
 import ml_collections
 
+from md4 import methods
 from md4.diffusion.schedules import get_schedule
-
-MODEL_TYPES = ("md4", "genmd4", "ggm", "ar")
 
 
 class ConfigError(ValueError):
@@ -46,6 +45,11 @@ def base() -> ml_collections.ConfigDict:
       num_steps=0,         # 0: continuous-time NELBO; T > 0: discrete time with T steps
       head_fraction=1.0,   # < 1: output head only at masked positions (capacity fraction of B*L)
   ))
+  c.ggm = ml_collections.ConfigDict(dict(
+      sweeps=2,              # K: visits of every position; T = K * seq_len steps
+      loss="soft",           # soft | hard | ce
+      renoise_known=False,   # infilling variant: re-noise known tokens at each step
+  ))
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, grad_clip=1.0,
@@ -71,8 +75,8 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values and their consistency; raises ConfigError with one clear line."""
-  _require(config.model_type in MODEL_TYPES,
-           f"unknown model_type {config.model_type!r}; known: {', '.join(MODEL_TYPES)}")
+  _require(config.model_type in methods.METHODS,
+           f"unknown model_type {config.model_type!r}; known: {', '.join(methods.METHODS)}")
   try:
     get_schedule(config.diffusion.schedule)
   except ValueError as e:
@@ -103,6 +107,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= config.sampling.top_p <= 1.0, "sampling.top_p must be in [0, 1] (0: off)")
   _require(config.sampling.temperature > 0, "sampling.temperature must be positive")
   _require(0.0 < config.diffusion.head_fraction <= 1.0, "diffusion.head_fraction must be in (0, 1]")
+  _require(config.ggm.sweeps >= 1, "ggm.sweeps must be at least 1")
+  _require(config.ggm.loss in ("soft", "hard", "ce"),
+           f"ggm.loss must be soft, hard or ce, got {config.ggm.loss!r}")
 
 
 def check_vocab(config: ml_collections.ConfigDict, data) -> int:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from md4.diffusion import masked
+from md4.diffusion import genmd4, glauber, masked
 from md4.diffusion.schedules import get_schedule
 from md4.networks.transformer import Transformer
 
@@ -93,7 +93,102 @@ class MD4:
                          known=known, known_mask=known_mask)
 
 
-METHODS: dict[str, type] = {"md4": MD4}
+@dataclasses.dataclass
+class GenMD4(MD4):
+  """State-dependent masking (SPEC section 2): params are {"net": ..., "w_raw": float[V]}.
+
+  The exponents w = softplus(w_raw) live beside the network's parameters and are trained by the
+  RLOO surrogate; the diffusion functions receive w explicitly.
+  """
+
+  def init(self, rng: Array) -> Any:
+    return {"net": super().init(rng), "w_raw": genmd4.init_w_raw(self.vocab_size)}
+
+  def _losses(self, params, tokens, rng, train):
+    net_rng, diffusion_rng = jax.random.split(rng)
+    w = jax.nn.softplus(params["w_raw"])
+    logits_fn = network_fn(self.model, params["net"], net_rng, train)
+    return genmd4.loss(logits_fn, tokens, diffusion_rng, w, vocab_size=self.vocab_size), w
+
+  def loss(self, params, tokens, rng, train=True):
+    (surrogate, nelbo), w = self._losses(params, tokens, rng, train)
+    seq_len = tokens.shape[1]
+    metrics = {"loss": nelbo.mean() / seq_len, "surrogate": surrogate.mean() / seq_len,
+               "w_min": w.min(), "w_mean": w.mean(), "w_max": w.max()}
+    return surrogate.mean() / seq_len, metrics
+
+  def evaluate(self, params, tokens, rng):
+    (_, nelbo), _ = self._losses(params, tokens, rng, train=False)
+    return {"nelbo": nelbo}
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    s = self.config.sampling
+    return genmd4.sample(network_fn(self.model, params["net"], None, False), rng,
+                         jax.nn.softplus(params["w_raw"]), batch_size=batch_size,
+                         seq_len=self.config.seq_len, vocab_size=self.vocab_size,
+                         num_steps=s.num_steps, top_p=s.top_p or None,
+                         temperature=s.temperature, known=known, known_mask=known_mask)
+
+
+def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: bool,
+                  num_steps: int) -> Callable:
+  """GGM adapter: logits_fn(x_in, t) -> float[B, V], the head only at the queried position.
+
+  The queried position is the one holding the query id V; the step t in 0..T-1 reaches the
+  network as the time t / T in [0, 1).
+  """
+  base = network_fn(model, params, rng, train)
+
+  def logits_fn(x_in: Array, t: Array) -> Array:
+    batch, seq_len = x_in.shape
+    query = jnp.argmax(x_in == model.vocab_size, axis=1)
+    head_index = jnp.arange(batch) * seq_len + query
+    return base(x_in, t.astype(jnp.float32) / num_steps, head_index)
+
+  return logits_fn
+
+
+@dataclasses.dataclass
+class GGM:
+  """Glauber Generative Model (SPEC section 3): a bank of V signal/noise classifiers."""
+
+  config: ml_collections.ConfigDict
+  vocab_size: int
+  likelihood_metrics = ()  # GGM has no ELBO
+
+  def __post_init__(self):
+    self.model = build_transformer(self.config, self.vocab_size,
+                                   num_embeddings=self.vocab_size + 1)
+    g = self.config.ggm
+    self.process = glauber.GlauberProcess(self.config.seq_len, self.vocab_size, g.sweeps,
+                                          self.config.diffusion.schedule)
+
+  def init(self, rng: Array) -> Any:
+    tokens = jnp.zeros((1, self.config.seq_len), jnp.int32)
+    return self.model.init(rng, tokens, jnp.zeros((1,)))["params"]
+
+  def _losses(self, params, tokens, rng, train):
+    net_rng, diffusion_rng = jax.random.split(rng)
+    logits_fn = query_head_fn(self.model, params, net_rng, train, self.process.num_steps)
+    return glauber.loss(logits_fn, tokens, diffusion_rng, self.process,
+                        kind=self.config.ggm.loss)
+
+  def loss(self, params, tokens, rng, train=True):
+    loss = self._losses(params, tokens, rng, train).mean()
+    return loss, {"loss": loss}
+
+  def evaluate(self, params, tokens, rng):
+    return {"loss": self._losses(params, tokens, rng, train=False)}
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    s = self.config.sampling
+    logits_fn = query_head_fn(self.model, params, None, False, self.process.num_steps)
+    return glauber.sample(logits_fn, rng, self.process, batch_size=batch_size, known=known,
+                          known_mask=known_mask, renoise_known=self.config.ggm.renoise_known,
+                          temperature=s.temperature, top_p=s.top_p or None)
+
+
+METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM}
 
 
 def create(config: ml_collections.ConfigDict, vocab_size: int):

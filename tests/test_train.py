@@ -172,3 +172,29 @@ def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
                    "--config.training.log_every=5", "--config.training.checkpoint_every=5")
   assert result.returncode == 2
   assert "non-finite" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("configs/genmd4_demo.py", {"surrogate", "w_min", "w_mean", "w_max", "bits_per_token"}),
+    ("configs/ggm_demo.py", {"loss"}),
+])
+def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
+  workdir = str(tmp_path / "run")
+  args = [f"--config={config}", f"--config.data.path={corpus}", *TINY,
+          "--config.training.num_steps=10", "--config.training.log_every=5",
+          "--config.training.eval_every=10", "--config.sampling.every=10",
+          "--config.eval.weights=('ema',)"]
+  result = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  train = [r for r in records if r["split"] == "train"]
+  assert expected <= set(train[-1]) and np.isfinite(train[-1]["loss"])
+  evals = [r for r in records if r["split"] == "eval"]
+  assert len(evals) == 1 and evals[0]["weights"] == "ema"
+  if "ggm" in config:
+    assert "bits_per_token" not in evals[0]  # GGM has no ELBO
+  else:
+    assert 0 < evals[0]["bits_per_token"] < 6
+  samples = open(os.path.join(workdir, "samples", "step_10.txt")).read().rstrip("\n").split("\n\n")
+  assert len(samples) == 2 and all(len(s) == 32 for s in samples)

@@ -1,0 +1,17 @@
+"""Tiny Glauber Generative Model on Shakespeare: the CPU companion of demo.py.
+
+One training example supervises one position, so GGM needs more steps than MD4 for the same
+number of supervised tokens; sampling makes K * seq_len network calls.
+
+  python main.py --config=configs/ggm_demo.py --workdir=runs/ggm_demo
+"""
+
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.model_type = "ggm"
+  c.model.time_conditioning = True
+  c.ggm.update(sweeps=2, loss="soft")
+  return c

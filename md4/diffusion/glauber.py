@@ -1,0 +1,223 @@
+"""GGM: the Glauber Generative Model (SPEC.md section 3). Pure functions of a `logits_fn`.
+
+Forward process: steps t = 0..T-1 with T = K * L (K sweeps); step t visits position
+i_t = t mod L and, with probability pi_t, leaves its token alone ("signal"), else replaces it by
+a uniform token ("noise"). Given the clean x, positions stay independent, so X_t is drawn in
+closed form. The reverse step resamples position i_t from q_t(a | x_{-i}), obtained from a bank
+of V binary classifiers "was the token a seen at i_t signal?":
+
+    q_t(a | x_{-i}) = (Pi_t(a) / pi_t) * p_t / (1 - p_t),   Pi_t(a) = (1 - pi_t) / V,
+
+so with logits l(a) = logit(p_t(a, x_{-i})) the reverse kernel is softmax(l) (Pi_t is uniform).
+
+Network contract: `logits_fn(x_in, t)` with x_in: int[B, L] in 0..V, where position i_t holds
+the query id V, and t: int[B]. It returns either float[B, L, V] (the row i_t is read) or
+float[B, V] (the row of the queried position only, so the head can be computed at one position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from md4.diffusion.categorical import adjust_logits, sample_categorical
+from md4.diffusion.schedules import Schedule, get_schedule
+
+Array = jnp.ndarray
+LogitsFn = Callable[[Array, Array], Array]
+
+# Keep probabilities are clipped to this range so that both outcomes of a visit are possible.
+PI_MIN, PI_MAX = 1e-12, 1.0 - 1e-6
+LOSS_KINDS = ("soft", "hard", "ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlauberProcess:
+  """Time-dependent Glauber noising of int[L] sequences over V tokens in K sweeps.
+
+  `schedule` is a survival curve alpha (a Schedule or a name for `get_schedule`); the m-th visit
+  of a position keeps its token with probability pi = alpha(m / K) / alpha((m - 1) / K).
+  """
+
+  seq_len: int
+  vocab_size: int
+  sweeps: int
+  schedule: Schedule | str
+
+  def __post_init__(self):
+    if isinstance(self.schedule, str):
+      object.__setattr__(self, "schedule", get_schedule(self.schedule))
+    if self.seq_len < 1 or self.vocab_size < 2 or self.sweeps < 1:
+      raise ValueError(f"need seq_len >= 1, vocab_size >= 2, sweeps >= 1; got {self}")
+
+  @property
+  def num_steps(self) -> int:
+    """T = K * L."""
+    return self.sweeps * self.seq_len
+
+  @property
+  def query_id(self) -> int:
+    """The input id that marks the queried position (= V)."""
+    return self.vocab_size
+
+  def _visit_keep_probs(self) -> Array:
+    """pi for visits m = 1..K: float[K]."""
+    m = jnp.arange(1, self.sweeps + 1, dtype=jnp.float32)
+    alpha = self.schedule.alpha
+    return jnp.clip(alpha(m / self.sweeps) / alpha((m - 1) / self.sweeps), PI_MIN, PI_MAX)
+
+  def position(self, t: Array) -> Array:
+    """Visited position i_t = t mod L."""
+    return jnp.asarray(t) % self.seq_len
+
+  def keep_prob(self, t: Array) -> Array:
+    """pi_t = Pi_t(phi) = alpha(m / K) / alpha((m - 1) / K), m = t // L + 1: float, in (0, 1)."""
+    return self._visit_keep_probs()[jnp.asarray(t) // self.seq_len]
+
+  def noise_prob(self, t: Array) -> Array:
+    """Pi_t(a) = (1 - pi_t) / V, the probability that the visit writes noise token a."""
+    return (1.0 - self.keep_prob(t)) / self.vocab_size
+
+  def survival(self, c: Array) -> Array:
+    """kappa_c = prod of the first c keep probabilities = alpha(c / K) / alpha(0): float."""
+    kappa = jnp.concatenate([jnp.ones((1,)), jnp.cumprod(self._visit_keep_probs())])
+    return kappa[jnp.asarray(c)]
+
+  def completed_visits(self, t: Array) -> Array:
+    """c_j(t): number of visits of position j among steps 0..t-1: int[..., L] for t: int[...]."""
+    j = jnp.arange(self.seq_len)
+    return (jnp.asarray(t)[..., None] - j + self.seq_len - 1) // self.seq_len
+
+  def noise_to(self, x: Array, t: Array, rng: Array) -> Array:
+    """Draws X_t | X_0 = x in closed form: int[B, L] for x: int[B, L], t: int[B] (0..T).
+
+    Position j keeps x_j with probability kappa_{c_j(t)}, else holds a uniform token.
+    """
+    keep_rng, token_rng = jax.random.split(rng)
+    kappa = self.survival(self.completed_visits(jnp.broadcast_to(t, x.shape[:-1])))
+    keep = jax.random.uniform(keep_rng, x.shape) < kappa
+    noise = jax.random.randint(token_rng, x.shape, 0, self.vocab_size, dtype=x.dtype)
+    return jnp.where(keep, x, noise)
+
+
+def _query_row(logits: Array, i: Array) -> Array:
+  """The float32 logits of the queried position: float[B, V] from [B, L, V] or [B, V]."""
+  logits = logits.astype(jnp.float32)
+  if logits.ndim == 3:
+    return jnp.take_along_axis(logits, jnp.broadcast_to(i, logits.shape[:1])[:, None, None],
+                               axis=1)[:, 0]
+  if logits.ndim != 2:
+    raise ValueError(f"logits must be [B, L, V] or [B, V]; got shape {logits.shape}")
+  return logits
+
+
+def stratified_steps(rng: Array, batch_size: int, num_steps: int) -> Array:
+  """Steps t_b = floor(T * ((u + b / B) mod 1)) with one shared u ~ U[0, 1): int[B] in 0..T-1."""
+  u = jax.random.uniform(rng, ())
+  frac = jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+  return jnp.minimum(jnp.floor(frac * num_steps).astype(jnp.int32), num_steps - 1)
+
+
+def loss(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess, *,
+         kind: str = "soft") -> Array:
+  """One-visit classifier loss in nats per example: float[B] (unbiased, one step per row).
+
+  Each row draws a step t (stratified over the batch), X_t | x in closed form, and supervises the
+  visit of i = i_t; the network sees X_{t+1} with position i replaced by the query id V.
+
+  kind:
+    "hard": simulate the visit (signal w.p. pi_t, else a uniform token), observed token b,
+      binary cross-entropy of l(b) against y = 1[signal].
+    "soft": its expectation over the visit and over X_t^i given x (same minimiser),
+      -sum_a [pi_t r_a log sigmoid(l(a)) + Pi_t(a) log sigmoid(-l(a))], with
+      r_a = kappa 1[a = x_i] + (1 - kappa) / V the pre-visit law of position i.
+    "ce": cross-entropy of softmax(l) against the pre-visit token X_t^i, averaged over its law r
+      given x (Rao-Blackwellised); it learns the reverse kernel q_t directly.
+  """
+  if kind not in LOSS_KINDS:
+    raise ValueError(f"unknown GGM loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
+  step_rng, noise_rng, visit_rng = jax.random.split(rng, 3)
+  batch_size, seq_len = x.shape
+  vocab_size = process.vocab_size
+  t = stratified_steps(step_rng, batch_size, process.num_steps)  # [B]
+  i = process.position(t)  # [B]
+  x_t = process.noise_to(x, t, noise_rng)  # [B, L]
+  at_i = jnp.arange(seq_len) == i[:, None]  # [B, L]
+  x_in = jnp.where(at_i, process.query_id, x_t)
+  logits = _query_row(logits_fn(x_in, t), i)  # [B, V]
+
+  pi = process.keep_prob(t)[:, None]  # [B, 1]
+  clean_i = jnp.take_along_axis(x, i[:, None], axis=1)  # [B, 1]
+  if kind == "hard":
+    signal_rng, token_rng = jax.random.split(visit_rng)
+    signal = jax.random.uniform(signal_rng, (batch_size, 1)) < pi
+    noise = jax.random.randint(token_rng, (batch_size, 1), 0, vocab_size, dtype=x_t.dtype)
+    observed = jnp.where(signal, jnp.take_along_axis(x_t, i[:, None], axis=1), noise)
+    l_b = jnp.take_along_axis(logits, observed, axis=1)[:, 0]
+    return -jnp.where(signal[:, 0], jax.nn.log_sigmoid(l_b), jax.nn.log_sigmoid(-l_b))
+
+  kappa = process.survival(t // seq_len)[:, None]  # completed visits of i before step t
+  r = kappa * jax.nn.one_hot(clean_i[:, 0], vocab_size) + (1.0 - kappa) / vocab_size  # [B, V]
+  if kind == "ce":
+    return -jnp.sum(r * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  noise_weight = (1.0 - pi) / vocab_size
+  return -jnp.sum(pi * r * jax.nn.log_sigmoid(logits)
+                  + noise_weight * jax.nn.log_sigmoid(-logits), axis=-1)
+
+
+def sample(logits_fn: LogitsFn, rng: Array, process: GlauberProcess, *, batch_size: int,
+           known: Array | None = None, known_mask: Array | None = None,
+           renoise_known: bool = False, temperature: float = 1.0,
+           top_p: float | None = None) -> Array:
+  """Heat-bath reverse sampler from uniform noise X_T down to X_0: int[B, L].
+
+  Step t resamples position i_t from softmax(l) (= softmax(l + log Pi_t), Pi_t uniform), l the
+  network's logits with position i_t replaced by the query id; temperature / top-p apply to l.
+  One network call per step, T = K * L steps in one `lax.fori_loop`.
+
+  Infilling: positions where `known_mask` ([L] or [B, L]) is set hold `known` throughout and are
+  never resampled; a step whose position is known in every row is skipped (no network call).
+  With `renoise_known`, the network sees the known tokens re-noised to the current level, a fresh
+  closed-form draw X_t | known at every step; the result still holds the clean known tokens.
+  """
+  seq_len, vocab_size = process.seq_len, process.vocab_size
+  num_steps = process.num_steps
+  shape = (batch_size, seq_len)
+  init_rng, loop_rng = jax.random.split(rng)
+  z = jax.random.randint(init_rng, shape, 0, vocab_size, dtype=jnp.int32)
+  conditioned = known_mask is not None
+  if conditioned:
+    if known is None:
+      raise ValueError("known_mask given without known tokens")
+    known_mask = jnp.broadcast_to(jnp.asarray(known_mask, bool), shape)
+    known = jnp.broadcast_to(jnp.asarray(known, jnp.int32), shape)
+    z = jnp.where(known_mask, known, z)
+  positions = jnp.arange(seq_len)
+
+  def visit(t: Array, step_rng: Array, z: Array) -> Array:
+    i = process.position(t)
+    context_rng, draw_rng = jax.random.split(step_rng)
+    t_batch = jnp.full((batch_size,), t, jnp.int32)
+    context = z
+    if conditioned and renoise_known:
+      context = jnp.where(known_mask, process.noise_to(known, t_batch, context_rng), z)
+    x_in = jnp.where(positions == i, process.query_id, context)
+    logits = adjust_logits(_query_row(logits_fn(x_in, t_batch), i), temperature=temperature,
+                           top_p=top_p)
+    token = sample_categorical(draw_rng, logits).astype(jnp.int32)  # [B]
+    if conditioned:
+      token = jnp.where(known_mask[:, i], z[:, i], token)
+    return z.at[:, i].set(token)
+
+  def step(s, z):
+    t = num_steps - 1 - s
+    step_rng = jax.random.fold_in(loop_rng, s)
+    if not conditioned:
+      return visit(t, step_rng, z)
+    skip = jnp.all(known_mask[:, process.position(t)])
+    return jax.lax.cond(skip, lambda z: z, lambda z: visit(t, step_rng, z), z)
+
+  return jax.lax.fori_loop(0, num_steps, step, z)

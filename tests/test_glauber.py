@@ -1,0 +1,288 @@
+"""GGM exactness on V = L = 3 with a random p over all 27 sequences (SPEC.md section 3)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from md4.diffusion import glauber
+from md4.diffusion.schedules import get_schedule
+from tests import ggm_oracle as go
+from tests import oracle
+
+V, L = 3, 3
+P = oracle.random_distribution(0, V, L)
+PROCESS = glauber.GlauberProcess(L, V, 4, "linear")  # T = 12
+CLASSIFIER, LOG_Q = go.oracle_tables(P, PROCESS)
+SEQS = oracle.all_sequences(V, L)
+
+
+def tv(a: np.ndarray, b: np.ndarray) -> float:
+  return 0.5 * float(np.abs(a - b).sum())
+
+
+def empirical(samples: np.ndarray) -> np.ndarray:
+  index = np.asarray(oracle.state_index(jnp.asarray(samples), V))
+  return (np.bincount(index, minlength=V**L) / len(index)).reshape((V,) * L)
+
+
+def draw_data(seed: int, n: int) -> jnp.ndarray:
+  """n sequences drawn from p: int[n, L]."""
+  rows = np.random.default_rng(seed).choice(V**L, size=n, p=P.reshape(-1))
+  return jnp.asarray(SEQS[rows])
+
+
+# ---------------------------------------------------------------------------- the process
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "poly2", "geometric"])
+@pytest.mark.parametrize("sweeps", [1, 64])
+def test_process_constants(name, sweeps):
+  process = glauber.GlauberProcess(5, 7, sweeps, get_schedule(name))
+  t = jnp.arange(process.num_steps)
+  pi = np.asarray(process.keep_prob(t))
+  assert np.all((pi > 0) & (pi < 1))
+  m = np.asarray(t // 5 + 1, np.float32)
+  alpha = get_schedule(name).alpha
+  np.testing.assert_allclose(pi, alpha(m / sweeps) / alpha((m - 1) / sweeps), rtol=1e-6)
+  c = jnp.arange(sweeps + 1)
+  np.testing.assert_allclose(process.survival(c), alpha(c / sweeps) / alpha(0.0), rtol=2e-5,
+                             atol=1e-12)
+  np.testing.assert_array_equal(process.position(t), np.asarray(t) % 5)
+  # c_j(t) counts the steps s < t with s mod L = j, for t = 0..T.
+  steps = np.arange(process.num_steps + 1)
+  brute = np.array([[np.sum(np.arange(s) % 5 == j) for j in range(5)] for s in steps])
+  np.testing.assert_array_equal(process.completed_visits(jnp.asarray(steps)), brute)
+
+
+@pytest.mark.parametrize("name,sweeps", [("linear", 4), ("cosine", 2), ("geometric", 3)])
+def test_closed_form_marginal_equals_chain(name, sweeps):
+  """Exact: the telescoped keep probabilities give the law of the step-by-step chain."""
+  process = glauber.GlauberProcess(L, V, sweeps, name)
+  for t in range(process.num_steps + 1):
+    np.testing.assert_allclose(go.closed_form_marginal(P, process, t),
+                               go.chain_marginal(P, process, t), atol=1e-6)
+  # X_T is uniform up to kappa_K = alpha(1) / alpha(0).
+  final = go.closed_form_marginal(P, process, process.num_steps)
+  assert tv(final, np.full(final.shape, V ** -L)) < 2 * float(process.survival(sweeps))
+
+
+def test_noise_to_matches_simulated_chain():
+  """Monte Carlo: closed-form X_t and a step-by-step simulation both match the exact law."""
+  n = 20000
+  x = draw_data(0, n)
+  steps = jnp.arange(PROCESS.num_steps)
+
+  @jax.jit
+  def simulate(rng):
+    def step(z, t):
+      keep_rng, token_rng = jax.random.split(jax.random.fold_in(rng, t))
+      keep = jax.random.uniform(keep_rng, (n,)) < PROCESS.keep_prob(t)
+      token = jnp.where(keep, z[:, t % L], jax.random.randint(token_rng, (n,), 0, V))
+      z = z.at[:, t % L].set(token)
+      return z, z
+
+    _, path = jax.lax.scan(step, x, steps)
+    return jnp.concatenate([x[None], path])  # [T + 1, n, L]
+
+  path = np.asarray(simulate(jax.random.key(1)))
+  noise_to = jax.jit(PROCESS.noise_to)
+  bound = 2 * oracle.expected_tv(np.full(V**L, V ** -L), n)  # E[TV] is largest for uniform
+  for t in (0, 1, 4, 7, PROCESS.num_steps):
+    exact = go.closed_form_marginal(P, PROCESS, t)
+    closed = empirical(noise_to(x, jnp.full((n,), t), jax.random.key(2 + t)))
+    chain = empirical(path[t])
+    assert tv(closed, exact) < bound, (t, tv(closed, exact), bound)
+    assert tv(chain, exact) < bound, (t, tv(chain, exact), bound)
+  np.testing.assert_array_equal(noise_to(x, jnp.zeros((n,), jnp.int32), jax.random.key(0)), x)
+
+
+# ------------------------------------------------------------------- classifier identity
+
+
+@pytest.mark.parametrize("name,sweeps", [("linear", 4), ("cosine", 2)])
+def test_odds_identity_recovers_reverse_kernel(name, sweeps):
+  """q_t(a | x_{-i}) = (Pi_t(a) / pi_t) p_t / (1 - p_t) for every t, context and a."""
+  process = glauber.GlauberProcess(L, V, sweeps, name)
+  for t in range(process.num_steps):
+    classifier, q = go.classifier_and_conditional(P, process, t)
+    pi, noise = go.keep_prob(process, t), float(process.noise_prob(t))
+    np.testing.assert_allclose(noise / pi * classifier / (1 - classifier), q, atol=1e-5)
+    # The joint of (X_t, X_{t+1}) also has the closed-form law of X_{t+1} as its marginal.
+    joint, _ = go.step_joint(P, process, t)
+    np.testing.assert_allclose(joint.sum(0), go.closed_form_marginal(P, process, t + 1)
+                               .reshape(-1), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def test_exact_law_of_sampler_with_oracle_is_p():
+  """Exact: propagating the law through the sampler's T steps returns p (both heads)."""
+  assert tv(go.sampler_law(CLASSIFIER, PROCESS), P) < 1e-6
+  assert tv(go.sampler_law(LOG_Q, PROCESS), P) < 1e-6
+
+
+def test_sampler_with_oracle_reproduces_p():
+  n = 20000
+  rng = jax.random.key(3)
+  run = functools.partial(glauber.sample, rng=rng, process=PROCESS, batch_size=n)
+  samples = np.asarray(run(go.table_logits_fn(CLASSIFIER, V)))
+  distance, expected = tv(empirical(samples), P), oracle.expected_tv(P, n)
+  # Measured: TV 0.0133 for an expected Monte Carlo TV of 0.0124.
+  assert distance < 0.05 and distance < 1.5 * expected, (distance, expected)
+  # A [B, L, V] network output gives the very same samples as its [B, V] query row.
+  full = np.asarray(run(go.table_logits_fn(CLASSIFIER, V, full_rows=True)))
+  np.testing.assert_array_equal(full, samples)
+
+
+@functools.cache
+def classifier_table(sweeps: int) -> np.ndarray:
+  return go.oracle_tables(P, glauber.GlauberProcess(L, V, sweeps, "linear"))[0]
+
+
+INFILL_PROCESS = glauber.GlauberProcess(L, V, 8, "linear")
+INFILL_TABLE = classifier_table(8)
+KNOWN = {1: int(np.argmax(P.sum(axis=(0, 2))))}
+
+
+@pytest.mark.parametrize("renoise", [False, True])
+def test_infilling(renoise):
+  """Samples follow the sampler's exact law; known tokens never change; close to p(. | x_1).
+
+  Infilling with an unconditional classifier is not exact (the reverse kernels condition on a
+  noised, not a clean, known token); its bias falls with the number of sweeps K.
+  """
+  n = 20000
+  known = jnp.zeros((L,), jnp.int32).at[1].set(KNOWN[1])
+  known_mask = jnp.arange(L) == 1
+  samples = np.asarray(glauber.sample(
+      go.table_logits_fn(INFILL_TABLE, V), jax.random.key(4), INFILL_PROCESS, batch_size=n,
+      known=known, known_mask=known_mask, renoise_known=renoise))
+  assert np.all(samples[:, 1] == KNOWN[1])
+  law = go.sampler_law(INFILL_TABLE, INFILL_PROCESS, KNOWN, renoise)
+  target = go.conditional(P, KNOWN)
+  expected = oracle.expected_tv(law, n)
+  assert tv(empirical(samples), law) < 1.5 * expected, (tv(empirical(samples), law), expected)
+  # Measured bias TV(law, p(. | x_1)): clamped 0.015, re-noised 0.039 at K = 8.
+  assert tv(law, target) < (0.045 if renoise else 0.02)
+  assert tv(empirical(samples), target) < 0.05
+  biases = [tv(go.sampler_law(classifier_table(k), glauber.GlauberProcess(L, V, k, "linear"),
+                              KNOWN, renoise), target) for k in (2, 4)]
+  assert biases[0] > biases[1] > tv(law, target)
+
+
+def test_infilling_per_row_mask_keeps_known_tokens():
+  known = jnp.asarray(np.random.default_rng(0).integers(0, V, (64, L)), jnp.int32)
+  known_mask = jnp.asarray(np.random.default_rng(1).random((64, L)) < 0.5)
+  for renoise in (False, True):
+    samples = glauber.sample(go.table_logits_fn(CLASSIFIER, V), jax.random.key(5), PROCESS,
+                             batch_size=64, known=known, known_mask=known_mask,
+                             renoise_known=renoise)
+    np.testing.assert_array_equal(jnp.where(known_mask, samples, 0),
+                                  jnp.where(known_mask, known, 0))
+
+
+def test_temperature():
+  """A network ignoring its input: each position ends as one draw from softmax(l / tau)."""
+  row = jnp.array([0.0, 1.0, 2.0])
+  n, tau = 20000, 0.5
+  samples = glauber.sample(lambda x_in, t: jnp.broadcast_to(row, (x_in.shape[0], V)),
+                           jax.random.key(6), PROCESS, batch_size=n, temperature=tau)
+  freq = np.stack([np.bincount(np.asarray(samples[:, j]), minlength=V) / n for j in range(L)])
+  target = np.asarray(jax.nn.softmax(row / tau))
+  assert np.all(np.abs(freq - target) < 4 * np.sqrt(target * (1 - target) / n))
+
+
+def test_sample_jit_shapes():
+  logits_fn = go.table_logits_fn(CLASSIFIER, V)
+  run = jax.jit(functools.partial(glauber.sample, logits_fn, process=PROCESS, batch_size=5))
+  samples = run(jax.random.key(7))
+  assert samples.shape == (5, L) and samples.dtype == jnp.int32
+  assert int(samples.min()) >= 0 and int(samples.max()) < V
+  np.testing.assert_array_equal(run(jax.random.key(7)), samples)
+
+
+# --------------------------------------------------------------------------------- losses
+
+
+def loss_stats(table, kind, n=1 << 16, seed=0):
+  """Per-example library losses on x ~ p: float[n] (numpy)."""
+  fn = jax.jit(functools.partial(glauber.loss, go.table_logits_fn(table, V), process=PROCESS,
+                                 kind=kind))
+  return np.asarray(fn(draw_data(seed, n), jax.random.key(seed)), np.float64)
+
+
+def mean_se(values):
+  return values.mean(), values.std(ddof=1) / np.sqrt(len(values))
+
+
+RANDOM_TABLE = np.random.default_rng(2).normal(0.0, 2.0, CLASSIFIER.shape).astype(np.float32)
+
+
+def test_soft_and_hard_losses_have_the_same_expectation():
+  exact = go.expected_losses(P, PROCESS, RANDOM_TABLE)["soft"]
+  soft, hard = loss_stats(RANDOM_TABLE, "soft"), loss_stats(RANDOM_TABLE, "hard")
+  # The same key draws the same t and X_t: hard - soft has conditional mean zero.
+  diff_mean, diff_se = mean_se(hard - soft)
+  assert abs(diff_mean) < 4 * diff_se, (diff_mean, diff_se)
+  for values in (soft, hard):
+    mean, se = mean_se(values)
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+  assert soft.std() < hard.std()
+
+
+def test_oracle_minimises_soft_loss():
+  """Exact expected soft loss: the oracle beats every perturbation (small and large)."""
+  best = go.expected_losses(P, PROCESS, CLASSIFIER)["soft"]
+  rng = np.random.default_rng(3)
+  for scale in (1e-2, 0.3, 2.0):
+    for _ in range(4):
+      perturbed = CLASSIFIER + scale * rng.normal(size=CLASSIFIER.shape).astype(np.float32)
+      assert go.expected_losses(P, PROCESS, perturbed)["soft"] > best
+  for shift in (-0.1, 0.1):
+    assert go.expected_losses(P, PROCESS, CLASSIFIER + shift)["soft"] > best
+  # The library's Monte Carlo loss agrees with the enumeration at the oracle too.
+  mean, se = mean_se(loss_stats(CLASSIFIER, "soft", seed=1))
+  assert abs(mean - best) < 4 * se, (mean, se, best)
+
+
+def test_ce_loss_at_oracle_is_conditional_entropy():
+  entropy = go.conditional_entropy(P, PROCESS)
+  assert abs(go.expected_losses(P, PROCESS, LOG_Q)["ce"] - entropy) < 1e-5
+  # softmax(logit p_t) = q_t as well: the classifier bank is also a reverse-kernel head.
+  assert abs(go.expected_losses(P, PROCESS, CLASSIFIER)["ce"] - entropy) < 1e-5
+  mean, se = mean_se(loss_stats(LOG_Q, "ce", seed=2))
+  assert abs(mean - entropy) < 4 * se, (mean, se, entropy)
+
+
+def test_loss_shapes_and_query_row():
+  x = draw_data(5, 32)
+
+  def query_checking_fn(x_in, t):  # NaN unless the query id sits at i_t and nowhere else
+    ok = jnp.all((x_in == V) == (jnp.arange(L) == PROCESS.position(t)[:, None]))
+    return jnp.where(ok, 0.0, jnp.nan) * jnp.ones((x_in.shape[0], V))
+
+  @jax.jit
+  def all_losses(rng):
+    values = {(kind, rows): glauber.loss(go.table_logits_fn(RANDOM_TABLE, V, rows), x, rng,
+                                         PROCESS, kind=kind)
+              for kind in glauber.LOSS_KINDS for rows in (False, True)}
+    return values, glauber.loss(query_checking_fn, x, rng, PROCESS)
+
+  values, checked = all_losses(jax.random.key(8))
+  for kind in glauber.LOSS_KINDS:
+    row, full = values[kind, False], values[kind, True]
+    assert row.shape == (32,) and row.dtype == jnp.float32
+    assert np.all(np.isfinite(row)) and np.all(row >= 0)
+    np.testing.assert_allclose(row, full, rtol=1e-6)
+  assert np.all(np.isfinite(checked))
+  with pytest.raises(ValueError):
+    glauber.loss(query_checking_fn, x, jax.random.key(8), PROCESS, kind="mse")
+
+
+def test_stratified_steps_cover_all_steps():
+  t = np.asarray(glauber.stratified_steps(jax.random.key(9), 24, PROCESS.num_steps))
+  np.testing.assert_array_equal(np.bincount(t, minlength=12), np.full(12, 2))
