@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from md4.diffusion import genmd4, glauber, masked
+from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.schedules import get_schedule
 from md4.networks.transformer import Transformer
 
@@ -188,7 +189,60 @@ class GGM:
                           temperature=s.temperature, top_p=s.top_p or None)
 
 
-METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM}
+@dataclasses.dataclass
+class AR:
+  """Autoregressive reference model (causal transformer), e.g. for generative perplexity.
+
+  Input ids are the sequence shifted right behind a begin-of-sequence id V, so position i
+  predicts token i from tokens < i; the negative log-likelihood is exact.
+  """
+
+  config: ml_collections.ConfigDict
+  vocab_size: int
+  likelihood_metrics = ("nll",)
+
+  def __post_init__(self):
+    self.model = build_transformer(self.config, self.vocab_size,
+                                   num_embeddings=self.vocab_size + 1, causal=True)
+
+  def init(self, rng: Array) -> Any:
+    return self.model.init(rng, jnp.zeros((1, self.config.seq_len), jnp.int32))["params"]
+
+  def _inputs(self, tokens: Array) -> Array:
+    bos = jnp.full((tokens.shape[0], 1), self.vocab_size, tokens.dtype)
+    return jnp.concatenate([bos, tokens[:, :-1]], axis=1)
+
+  def nll(self, params, tokens, rng=None, train=False) -> Array:
+    """Negative log-likelihood in nats per sequence: float[B]."""
+    logits = network_fn(self.model, params, rng, train)(self._inputs(tokens), None)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0].sum(axis=1)
+
+  def loss(self, params, tokens, rng, train=True):
+    loss = self.nll(params, tokens, rng, train).mean() / tokens.shape[1]
+    return loss, {"loss": loss}
+
+  def evaluate(self, params, tokens, rng):
+    return {"nll": self.nll(params, tokens)}
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    """Left to right, one full forward pass per position (no KV cache: a reference model)."""
+    s, seq_len = self.config.sampling, self.config.seq_len
+    logits_fn = network_fn(self.model, params, None, False)
+    tokens = masked.initial_state(batch_size, seq_len, 0, known, known_mask)
+    fixed = jnp.zeros(tokens.shape, bool) if known_mask is None else jnp.broadcast_to(
+        known_mask, tokens.shape)
+
+    def step(i, tokens):
+      logits = adjust_logits(logits_fn(self._inputs(tokens), None)[:, i],
+                             temperature=s.temperature, top_p=s.top_p or None)
+      drawn = sample_categorical(jax.random.fold_in(rng, i), logits)
+      return tokens.at[:, i].set(jnp.where(fixed[:, i], tokens[:, i], drawn))
+
+    return jax.lax.fori_loop(0, seq_len, step, tokens)
+
+
+METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM, "ar": AR}
 
 
 def create(config: ml_collections.ConfigDict, vocab_size: int):

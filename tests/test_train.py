@@ -177,6 +177,7 @@ def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
 @pytest.mark.parametrize("config, expected", [
     ("configs/genmd4_demo.py", {"surrogate", "w_min", "w_mean", "w_max", "bits_per_token"}),
     ("configs/ggm_demo.py", {"loss"}),
+    ("configs/ar_demo.py", {"bits_per_token", "ppl"}),
 ])
 def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
   workdir = str(tmp_path / "run")
