@@ -3,6 +3,8 @@
   python -m md4.bench train  --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 16
   python -m md4.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 8 \
       --steps 256
+  python -m md4.bench ggm    --layers 6 --width 256 --heads 8 --seq_len 256 --batch 8 \
+      --vocabs 27 50257
 
 Random weights and random tokens: a benchmark measures the program, not the model. Each command
 prints readable lines and, last, one JSON object. Variants are timed in the same run, so their
@@ -132,9 +134,42 @@ def cmd_sample(args) -> dict:
           "reference_calls": args.steps + 1, "variants": results, "peak_rss_mb": peak_rss_mb()}
 
 
+def cmd_ggm(args) -> dict:
+  """GGM cost per sampling step against vocabulary size: one network call with the head at the
+  queried position only, against the same call with a full [B, L, V] head."""
+  results = {}
+  for vocab in args.vocabs:
+    config = bench_config(args)
+    config.vocab_size, config.model_type = vocab, "ggm"
+    config.model.time_conditioning = True
+    method = methods.create(config, vocab)
+    params = method.init(jax.random.key(0))
+    x_in = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, vocab)
+    x_in = x_in.at[:, 3].set(vocab)  # the queried position holds the query id
+    t = jnp.full((args.batch,), 5)
+    query = jax.jit(methods.query_head_fn(method.model, params, None, False, 100))
+    full = jax.jit(methods.network_fn(method.model, params, None, False))
+    query_s = best_time(query, x_in, t)
+    full_s = best_time(full, x_in, t.astype(jnp.float32) / 100)
+    flops = query.lower(x_in, t).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
+    results[vocab] = {"call_s": query_s, "full_head_call_s": full_s, "flops_per_call": flops,
+                      "head_flops": 2 * args.batch * args.width * vocab}
+    print(f"V={vocab:6d}: query-head call {query_s * 1e3:8.2f} ms ({flops / 1e9:.2f} GFLOP), "
+          f"full-head call {full_s * 1e3:8.2f} ms")
+  small, large = (results[v] for v in (min(args.vocabs), max(args.vocabs)))
+  growth = large["call_s"] / small["call_s"]
+  flop_growth = large["flops_per_call"] / small["flops_per_call"]
+  print(f"time per call grows {growth:.2f}x from V={min(args.vocabs)} to V={max(args.vocabs)}; "
+        f"FLOPs per call grow {flop_growth:.2f}x (the head's share)")
+  return {"seconds_per_call": {str(v): r["call_s"] for v, r in results.items()},
+          "time_growth": growth, "flop_growth": flop_growth,
+          "variants": {str(v): r for v, r in results.items()}, "peak_rss_mb": peak_rss_mb()}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("what", choices=["train", "sample"])
+  parser.add_argument("what", choices=["train", "sample", "ggm"])
   parser.add_argument("--layers", type=int, default=6)
   parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--heads", type=int, default=8)
@@ -142,12 +177,14 @@ def main() -> None:
   parser.add_argument("--vocab", type=int, default=27)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=256)
+  parser.add_argument("--vocabs", type=int, nargs="+", default=[27, 50257],
+                      help="ggm: vocabulary sizes to compare")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--no_time", action="store_true", help="no time conditioning")
   parser.add_argument("--head_fraction", type=float, default=0.6,
                       help="masked_head variant: head capacity as a fraction of B * L")
   args = parser.parse_args()
-  result = {"train": cmd_train, "sample": cmd_sample}[args.what](args)
+  result = {"train": cmd_train, "sample": cmd_sample, "ggm": cmd_ggm}[args.what](args)
   result = {"benchmark": args.what, "args": vars(args), "backend": jax.default_backend(),
             **result}
   print(json.dumps(result, default=lambda x: float(np.asarray(x))))
