@@ -1,0 +1,189 @@
+"""The time-conditioned transformer: shapes, head_index, conditioning, masking, dtypes, remat."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.flatten_util import ravel_pytree
+
+from md4.networks.transformer import Transformer, attention, count_params
+
+V, B, L = 5, 3, 8
+CONFIG = dict(vocab_size=V, num_embeddings=V + 1, width=32, depth=2, num_heads=4)
+TOKENS = jax.random.randint(jax.random.key(0), (B, L), 0, V + 1)
+T = jnp.array([0.1, 0.5, 0.9])
+
+
+def init(model, scale=0.1, seed=1):
+  """Initial params plus scale * N(0, 1) noise, so that zero-initialised layers do something."""
+
+  @jax.jit
+  def perturbed_init():
+    params = model.init(jax.random.key(seed), TOKENS, T)["params"]
+    flat, unravel = ravel_pytree(params)
+    return unravel(flat + scale * jax.random.normal(jax.random.key(seed + 1), flat.shape))
+
+  return perturbed_init()
+
+
+@functools.cache
+def apply_fn(**overrides):
+  """A jitted apply for one configuration (cached so that each compiles once)."""
+  model = Transformer(**{**CONFIG, **overrides})
+
+  @functools.partial(jax.jit, static_argnames="train")
+  def apply(params, tokens, t, head_index=None, train=False, rng=None):
+    rngs = {"dropout": rng} if rng is not None else None
+    return model.apply({"params": params}, tokens, t, head_index=head_index, train=train,
+                       rngs=rngs)
+
+  return model, apply
+
+
+@pytest.fixture(scope="module")
+def base():
+  """Perturbed params of the base configuration (shared by the variants), apply, and output."""
+  model, apply = apply_fn()
+  params = init(model)
+  return params, apply, apply(params, TOKENS, T)
+
+
+def param_shapes(**overrides):
+  model = Transformer(**{**CONFIG, **overrides})
+  return jax.eval_shape(model.init, jax.random.key(0), TOKENS, T)["params"]
+
+
+def test_output_shapes_and_head_index_gathers_the_full_output(base):
+  params, apply, full = base
+  assert full.shape == (B, L, V) and full.dtype == jnp.float32
+  flat = full.reshape(B * L, V)
+  for head_index in [jnp.arange(B) * L + jnp.array([2, 7, 0]),  # one position per example: [B]
+                     jnp.array([23, 0, 5, 5, 17]),  # anywhere in the batch: [C]
+                     jnp.array([[1, 9], [16, 4]])]:  # any index shape
+    out = apply(params, TOKENS, T, head_index)
+    assert out.shape == head_index.shape + (V,) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, flat[head_index], rtol=1e-5, atol=1e-5)
+
+
+def test_count_params_and_mlp_width():
+  params = param_shapes()
+  d, n, h = 32, V + 1, 96  # hidden = 2/3 * 4 * 32 = 85.3, rounded up to a multiple of 32
+  assert params["block_0"]["mlp_in"]["kernel"].shape == (d, 2 * h)
+  time_mlp = 256 * d + d + d * d + d
+  block = (d * 6 * d + 6 * d) + 3 * d * d + (d * d + d) + d * 2 * h + (h * d + d)
+  expected = n * d + time_mlp + 2 * block + (d * 2 * d + 2 * d) + (d * V + V)
+  assert count_params(params) == expected
+
+
+def test_zero_modulation_makes_blocks_identity_and_time_irrelevant(base):
+  params, apply, _ = base
+  # adaLN-Zero at init: modulation layers are zero, so every block is the identity, the final
+  # modulation is the identity, and the output is head(LayerNorm(embedding)) whatever t is.
+  flat = traverse_util.flatten_dict(params, sep="/")
+  params = traverse_util.unflatten_dict(
+      {k: jnp.zeros_like(v) if "modulation" in k else v for k, v in flat.items()}, sep="/")
+  out = apply(params, TOKENS, T)
+  np.testing.assert_array_equal(out, apply(params, TOKENS, 1.0 - T))
+  x = params["embed"]["embedding"][TOKENS]
+  x = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  expected = x @ params["head"]["kernel"] + params["head"]["bias"]
+  assert jnp.abs(expected).max() > 0.1
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_modulation_is_zero_at_init():
+  model, _ = apply_fn()
+  params = jax.jit(model.init)(jax.random.key(0), TOKENS, T)["params"]
+  zero = [params["final_modulation"], params["head"]] + [
+      params[f"block_{i}"]["modulation"] for i in range(CONFIG["depth"])]
+  assert all(not jnp.any(x) for x in jax.tree_util.tree_leaves(zero))
+
+
+def test_time_changes_the_output_with_random_params(base):
+  params, apply, full = base
+  diff = jnp.abs(apply(params, TOKENS, 1.0 - T) - full)
+  assert diff[1].max() < 1e-4  # example 1 has t = 0.5 both times
+  assert diff[0].max() > 0.1 and diff[2].max() > 0.1
+
+
+def test_without_time_conditioning_t_is_ignored():
+  model, apply = apply_fn(time_conditioning=False)
+  params = init(model)
+  assert "modulation" not in params["block_0"] and "scale" in params["block_0"]["norm1"]
+  out = apply(params, TOKENS, None)
+  np.testing.assert_array_equal(out, apply(params, TOKENS, T))
+  idx = jnp.array([3, 20])
+  np.testing.assert_allclose(apply(params, TOKENS, None, idx), out.reshape(-1, V)[idx], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_direction(base, causal):
+  params = base[0]
+  _, apply = apply_fn(causal=causal)
+  out = apply(params, TOKENS, T)
+  changed = apply(params, TOKENS.at[:, L - 1].set((TOKENS[:, L - 1] + 1) % (V + 1)), T)
+  diff = jnp.abs(changed - out).max(axis=-1)  # [B, L]
+  assert diff[:, L - 1].min() > 0.1
+  if causal:
+    assert diff[:, : L - 1].max() < 1e-5
+  else:  # every earlier position of every example sees the change
+    assert diff[:, : L - 1].min() > 1e-3, diff
+
+
+def test_bfloat16_keeps_float32_params_and_close_outputs(base):
+  params, _, full = base
+  _, apply = apply_fn(dtype=jnp.bfloat16)
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree_util.tree_leaves(param_shapes(dtype=jnp.bfloat16)))
+  out = apply(params, TOKENS, T)
+  assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+  err = jnp.abs(out - full).max() / jnp.abs(full).max()
+  assert err < 0.04, err
+
+
+def test_dropout_only_in_training(base):
+  params, _, full = base
+  _, apply = apply_fn(dropout=0.3)
+  rng = jax.random.key(7)
+  np.testing.assert_allclose(apply(params, TOKENS, T, train=False, rng=rng), full, atol=1e-6)
+  train_a = apply(params, TOKENS, T, train=True, rng=rng)
+  train_b = apply(params, TOKENS, T, train=True, rng=jax.random.key(8))
+  assert jnp.abs(train_a - full).max() > 0.1 and jnp.abs(train_a - train_b).max() > 0.1
+  np.testing.assert_array_equal(train_a, apply(params, TOKENS, T, train=True, rng=rng))
+
+
+def test_remat_gives_same_output_and_gradients(base):
+  params, _, _ = base
+  grads = []
+  for remat in (False, True):
+    model = Transformer(**CONFIG, dropout=0.2, remat=remat)
+
+    def loss(p, model=model):
+      out = model.apply({"params": p}, TOKENS, T, train=True,
+                        rngs={"dropout": jax.random.key(3)})
+      return jnp.mean(out**2)
+
+    grads.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss_a, grad_a), (loss_b, grad_b) = grads
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         grad_a, grad_b)
+  assert jnp.abs(grad_a["block_0"]["qkv"]["kernel"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_matches_dot_product_attention_values_and_gradients(causal):
+  q, k, v = jax.random.normal(jax.random.key(4), (3, 2, 16, 4, 8))  # [B, L, H, Dh] each
+  d_out = jax.random.normal(jax.random.key(5), q.shape)
+
+  def value_and_vjp(fused):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, causal, fused=fused), q, k, v)
+    return out, vjp(d_out)
+
+  (out, grads), (ref, ref_grads) = value_and_vjp(False), value_and_vjp(True)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for g, r in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
