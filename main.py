@@ -28,6 +28,7 @@ MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def wants_distributed() -> bool:
+  """Whether this process is one of several: --distributed, or the launcher's environment."""
   if FLAGS.distributed != "auto":
     return FLAGS.distributed == "on"
   if any(v in os.environ for v in MULTI_PROCESS_ENV):
@@ -38,11 +39,23 @@ def wants_distributed() -> bool:
 
 
 def initialize_distributed() -> None:
-  """jax.distributed from the environment (TPU VMs and SLURM are detected by JAX itself)."""
+  """jax.distributed from the environment (TPU VMs and SLURM are detected by JAX itself).
+
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, when
+  set, are passed explicitly. CPU processes exchange collectives over gloo (TCP) unless
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION says otherwise; accelerators use their own interconnect.
+  """
   import jax
 
+  if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+    if missing:
+      print(f"error: JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not",
+            file=sys.stderr)
+      sys.exit(2)
     kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                   process_id=int(os.environ["JAX_PROCESS_ID"]))

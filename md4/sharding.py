@@ -16,9 +16,14 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-  """A (data, fsdp) mesh over all devices; -1 in one axis means "all remaining devices"."""
-  num_devices = jax.device_count()
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
+  """A (data, fsdp) mesh over `devices` (default: all); -1 in one axis means "all remaining".
+
+  Devices keep JAX's process-major order, so process p owns a contiguous block of batch rows and
+  the processes' local batches, concatenated in process order, form the global batch.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  num_devices = len(devices)
   if data == -1 and fsdp == -1:
     raise ValueError("mesh: at most one of data and fsdp may be -1")
   if data == -1:
@@ -27,8 +32,7 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     fsdp = num_devices // data
   if data * fsdp != num_devices:
     raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not match the {num_devices} devices")
-  devices = np.asarray(jax.devices()).reshape(data, fsdp)
-  return Mesh(devices, BATCH_AXES)
+  return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -40,7 +44,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**18) -> P:
+DEFAULT_MIN_SIZE = 2**18  # arrays with fewer elements stay replicated
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = DEFAULT_MIN_SIZE) -> P:
   """FSDP rule: split the largest axis divisible by the fsdp size, for arrays above min_size."""
   if fsdp == 1 or math.prod(shape) < min_size:
     return P()
@@ -52,11 +59,11 @@ def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**18) -> P:
   return P(*spec)
 
 
-def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
+def state_shardings(mesh: Mesh, abstract_state: Any, min_size: int = DEFAULT_MIN_SIZE) -> Any:
   """NamedShardings for every leaf of a state pytree (params, optimizer moments, EMA)."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)),
-                      abstract_state)
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), abstract_state)
 
 
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

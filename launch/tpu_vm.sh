@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM or pod slice: create it, install the project on every worker, start the
+# same training command on all workers, stream the logs, delete it.
+#
+#   launch/tpu_vm.sh [options] create|install|train|logs|delete|all [-- main.py overrides]
+#
+# Required (flag or environment variable):
+#   --project  MD4_PROJECT           Google Cloud project
+#   --zone     MD4_ZONE              e.g. us-central2-b (v4), us-west4-a (v5e)
+#   --accelerator-type MD4_ACCELERATOR_TYPE   e.g. v4-32, v5litepod-16 (create, all)
+#   --bucket   MD4_BUCKET            GCS bucket (no gs://) holding data/owt and the run directories
+#                                    (install, train, all)
+# Optional:
+#   --name     MD4_TPU_NAME          TPU name (default md4-tpu)
+#   --version  MD4_RUNTIME_VERSION   TPU software version (default chosen from the accelerator type)
+#   --config   MD4_CONFIG            experiment config (default configs/owt.py)
+#   --run      MD4_RUN               run name; workdir = gs://BUCKET/runs/RUN via gcsfuse (default NAME)
+#   --spot                           request a Spot slice
+#   --dry-run                        print the commands instead of running them
+#
+# The bucket is mounted with gcsfuse on every worker, so checkpoints (written by all workers) and
+# metrics (process 0) land in one shared run directory. The OWT shards are copied to local disk.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "error: $*" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROJECT="${MD4_PROJECT:-}"
+ZONE="${MD4_ZONE:-}"
+ACCELERATOR_TYPE="${MD4_ACCELERATOR_TYPE:-}"
+BUCKET="${MD4_BUCKET:-}"
+NAME="${MD4_TPU_NAME:-md4-tpu}"
+VERSION="${MD4_RUNTIME_VERSION:-}"
+CONFIG="${MD4_CONFIG:-configs/owt.py}"
+RUN="${MD4_RUN:-}"
+SPOT=0
+DRY_RUN=0
+COMMAND=""
+OVERRIDES=()
+
+while (($#)); do
+  case "$1" in
+    --project) PROJECT="${2:?--project needs a value}"; shift 2 ;;
+    --zone) ZONE="${2:?--zone needs a value}"; shift 2 ;;
+    --accelerator-type) ACCELERATOR_TYPE="${2:?--accelerator-type needs a value}"; shift 2 ;;
+    --bucket) BUCKET="${2:?--bucket needs a value}"; shift 2 ;;
+    --name) NAME="${2:?--name needs a value}"; shift 2 ;;
+    --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
+    --config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
+    --run) RUN="${2:?--run needs a value}"; shift 2 ;;
+    --spot) SPOT=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    create|install|train|logs|delete|all)
+      [[ -z "$COMMAND" ]] || die "only one subcommand, got '$COMMAND' and '$1'"
+      COMMAND="$1"; shift ;;
+    --) shift; OVERRIDES=("$@"); break ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+[[ -n "$COMMAND" ]] || die "missing subcommand: create|install|train|logs|delete|all (see --help)"
+BUCKET="${BUCKET#gs://}"
+RUN="${RUN:-$NAME}"
+for value in "$NAME" "$RUN" "$BUCKET"; do  # they go into remote shell commands unquoted
+  [[ "$value" =~ ^[A-Za-z0-9._-]*$ ]] || die "names may use only letters, digits, '.', '_', '-': '$value'"
+done
+
+require() {  # require VALUE FLAG ENV
+  [[ -n "$1" ]] || die "missing setting $2 (or environment variable $3), needed by '$COMMAND'"
+}
+require "$PROJECT" --project MD4_PROJECT
+require "$ZONE" --zone MD4_ZONE
+case "$COMMAND" in
+  create|all) require "$ACCELERATOR_TYPE" --accelerator-type MD4_ACCELERATOR_TYPE ;;
+esac
+case "$COMMAND" in
+  install|train|all) require "$BUCKET" --bucket MD4_BUCKET ;;
+esac
+
+if [[ -z "$VERSION" ]]; then
+  case "$ACCELERATOR_TYPE" in
+    v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    v5p-*) VERSION="v2-alpha-tpuv5" ;;
+    v6e-*) VERSION="v2-alpha-tpuv6e" ;;
+    *) VERSION="tpu-ubuntu2204-base" ;;
+  esac
+fi
+
+run() {  # prints the command (dry run) or runs it
+  if ((DRY_RUN)); then
+    printf '%q ' "$@" | sed 's/ $//'
+    echo
+  else
+    "$@"
+  fi
+}
+
+TPU=(gcloud compute tpus tpu-vm)
+WHERE=(--project="$PROJECT" --zone="$ZONE")
+# Single quotes on purpose: $HOME is expanded on the workers, not here.
+# shellcheck disable=SC2016
+MOUNT='$HOME/gcs'
+WORKDIR="$MOUNT/runs/$RUN"
+# shellcheck disable=SC2016
+LOG='$HOME/md4-train.log'
+# shellcheck disable=SC2016
+PID='$HOME/md4-train.pid'
+
+on_workers() {  # on_workers WORKER COMMAND: runs a shell command on the given worker(s)
+  run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker="$1" --command="$2"
+}
+
+create() {
+  local extra=()
+  ((SPOT)) && extra=(--spot)
+  run "${TPU[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
+    --version="$VERSION" "${extra[@]}"
+}
+
+install() {
+  local archive="/tmp/md4-src-$NAME.tar.gz"
+  run tar -czf "$archive" -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./runs \
+    --exclude=./data/owt .
+  run "${TPU[@]}" scp "$archive" "$NAME:md4-src.tar.gz" "${WHERE[@]}" --worker=all
+  on_workers all "set -e; mkdir -p \$HOME/md4 && tar -xzf \$HOME/md4-src.tar.gz -C \$HOME/md4
+cd \$HOME/md4 && python3 -m venv .venv && .venv/bin/pip install -q -U pip
+.venv/bin/pip install -q 'jax[tpu]' -r requirements.txt
+if ! command -v gcsfuse >/dev/null; then
+  echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -
+  sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
+fi
+mkdir -p $MOUNT && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir-limit=1000000 $BUCKET $MOUNT)
+mkdir -p data/owt && gcloud storage cp -r 'gs://$BUCKET/data/owt/*' data/owt/"
+}
+
+train() {
+  local args=(--config="$CONFIG" --distributed=on "${OVERRIDES[@]}")
+  local quoted
+  quoted="$(printf '%q ' "${args[@]}")"
+  # The same command on every worker; JAX finds the slice's workers from the TPU metadata.
+  on_workers all "cd \$HOME/md4 && nohup .venv/bin/python main.py --workdir=$WORKDIR ${quoted% } \
+> $LOG 2>&1 &
+echo \$! > $PID"
+}
+
+logs() {  # follows worker 0's log until its training process ends
+  on_workers 0 "tail -n +1 --pid=\$(cat $PID) -f $LOG"
+}
+
+delete() {
+  run "${TPU[@]}" delete "$NAME" "${WHERE[@]}" --quiet
+}
+
+case "$COMMAND" in
+  all) create; install; train; logs; delete ;;
+  *) "$COMMAND" ;;
+esac
