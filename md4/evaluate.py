@@ -20,19 +20,21 @@ def likelihood_report(nats_per_token: float) -> dict[str, float]:
 
 
 def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, *,
-             rng: jax.Array, num_batches: int, seq_len: int,
+             rng: jax.Array, num_batches: int,
              likelihood_metrics: tuple[str, ...]) -> dict[str, float]:
   """Means of the method's per-example metrics over `num_batches` held-out batches.
 
-  Metrics named in `likelihood_metrics` are nats per sequence; they are reported per token, as
-  bits per token and perplexity, with the standard error of the bits per token over examples.
+  Metrics named in `likelihood_metrics` are nats per example; they are reported per token (per
+  dimension for images), as bits per token and perplexity, with the standard error of the bits
+  per token over examples.
   Keys are fixed (fold_in of `rng` with the batch index), so repeated calls agree exactly.
   """
   values: dict[str, list[np.ndarray]] = {}
-  count = 0
+  count = dims = 0
   for i, batch in enumerate(batches):
     if num_batches and i >= num_batches:
       break
+    dims = math.prod(next(iter(batch.values())).shape[1:])  # tokens (or pixels) per example
     out = jax.device_get(eval_step(params, sharding.global_batch(mesh, batch),
                                    jax.random.fold_in(rng, i)))
     for k, v in out.items():
@@ -44,7 +46,7 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
   for k, chunks in values.items():
     v = np.concatenate(chunks)
     if k in likelihood_metrics:
-      per_token = v / seq_len
+      per_token = v / dims
       report["loss"] = float(per_token.mean())
       report.update(likelihood_report(report["loss"]))
       report["bits_per_token_se"] = float(per_token.std(ddof=1) / math.sqrt(len(v)) / math.log(2))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from md4 import image_methods
 from md4.diffusion import genmd4, glauber, masked
 from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.schedules import get_schedule
@@ -242,7 +243,9 @@ class AR:
     return jax.lax.fori_loop(0, seq_len, step, tokens)
 
 
-METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM, "ar": AR}
+METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM, "ar": AR,
+                            "blackout": image_methods.Blackout,
+                            "md4_pixels": image_methods.MD4Pixels}
 
 
 def create(config: ml_collections.ConfigDict, vocab_size: int):

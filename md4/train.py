@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from md4 import checkpointing, config_lib, evaluate, methods, sharding
+from md4.data import images
 from md4.data.pipeline import create_datasets
 from md4.metric_writers import MetricWriter
 
@@ -51,14 +52,14 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
 
 
 def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collections.ConfigDict,
-               rng: jax.Array) -> tuple[dict, dict]:
+               rng: jax.Array, data_key: str = "tokens") -> tuple[dict, dict]:
   """One optimizer step (with optional gradient accumulation); skips non-finite updates.
 
   The step's randomness is fold_in(rng, step), so a resumed run draws the same keys.
   """
   step = state["step"]
   rng = jax.random.fold_in(rng, step)
-  tokens = batch["tokens"]
+  tokens = batch[data_key]  # int[B, L] token ids, or int[B, H, W, C] image counts
   accum = config.training.grad_accum
   grad_fn = jax.value_and_grad(method.loss, has_aux=True)
 
@@ -101,11 +102,16 @@ class Run:
     config_lib.validate(config)
     self.config, self.workdir = config, workdir
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    self.data = create_datasets(
-        config.data, seq_len=config.seq_len, batch_size=config.training.batch_size,
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        eval_batch_size=config.eval.batch_size) if with_data else None
-    vocab_size = config_lib.check_vocab(config, self.data)
+    self.is_image = config.data.dataset in images.IMAGE_DATASETS
+    self.data_key = "images" if self.is_image else "tokens"
+    common = dict(batch_size=config.training.batch_size, seed=config.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  eval_batch_size=config.eval.batch_size)
+    if self.is_image:
+      self.data = images.create_image_datasets(config.data, **common)
+    else:
+      self.data = create_datasets(config.data, seq_len=config.seq_len, **common)
+    vocab_size = config_lib.check_data(config, self.data)
     self.method = methods.create(config, vocab_size)
     self.tx, self.lr = make_optimizer(config, config.training.num_steps)
     # Independent streams for init, training steps, evaluation and sampling.
@@ -124,12 +130,12 @@ class Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
     step_fn = functools.partial(train_step, method=self.method, tx=self.tx, lr=self.lr,
-                                config=config, rng=self.train_rng)
+                                config=config, rng=self.train_rng, data_key=self.data_key)
     self.train_step = jax.jit(step_fn, donate_argnums=0,
                               out_shardings=(self.state_sharding, None))
     # Per-example eval outputs come back replicated so that every process can read them.
     self.eval_step = jax.jit(lambda params, batch, rng: self.method.evaluate(
-        params, batch["tokens"], rng), out_shardings=sharding.replicated(self.mesh))
+        params, batch[self.data_key], rng), out_shardings=sharding.replicated(self.mesh))
     self.sample_step = jax.jit(self.method.sample, static_argnums=2)
 
   def restore_or_init(self) -> tuple[dict, int]:
@@ -147,22 +153,26 @@ class Run:
     """Method metrics on held-out data (fixed batches and keys; means per example)."""
     return evaluate.held_out(self.eval_step, params, self.data.eval_batches(), self.mesh,
                              rng=self.eval_rng, num_batches=num_batches,
-                             seq_len=self.config.seq_len,
                              likelihood_metrics=self.method.likelihood_metrics)
 
   def draw_samples(self, params: Any, step: int, *, known=None, known_mask=None,
                    name: str | None = None) -> dict[str, float]:
-    """Samples from `params`, written to samples/<name or step_N>.txt; returns sample metrics."""
+    """Samples from `params`, written to samples/<name or step_N>.txt (.png for images);
+    returns sample metrics."""
     num = self.config.sampling.num_samples
     rng = jax.random.fold_in(self.sample_rng, step)
-    tokens = np.asarray(self.sample_step(params, rng, num, known, known_mask))
-    texts = [self.data.tokenizer.decode(row) for row in tokens]
+    samples = np.asarray(self.sample_step(params, rng, num, known, known_mask))
+    path = os.path.join(self.workdir, "samples", name or f"step_{step}")
     if jax.process_index() == 0:
-      os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
-      path = os.path.join(self.workdir, "samples", f"{name or f'step_{step}'}.txt")
-      with open(path, "w") as f:
-        f.write("\n\n".join(texts) + "\n")
-    return {"unigram_entropy": float(evaluate.unigram_entropy(tokens).mean())}
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      if self.is_image:
+        images.save_image_grid(samples, path + ".png", self.data.max_count)
+      else:
+        with open(path + ".txt", "w") as f:
+          f.write("\n\n".join(self.data.tokenizer.decode(row) for row in samples) + "\n")
+    if self.is_image:
+      return {"mean_intensity": float(samples.mean() / self.data.max_count)}
+    return {"unigram_entropy": float(evaluate.unigram_entropy(samples).mean())}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -173,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.save(config, workdir)
   state, start = run.restore_or_init()
   logging.info("parameters: %s", f"{evaluate.count_params(state['params']):,}")
-  tokens_per_step = t.batch_size * config.seq_len
+  batch_shape = next(iter(run.data.eval_batches()))[run.data_key].shape[1:]
+  tokens_per_step = t.batch_size * int(np.prod(batch_shape))  # tokens, or pixel channels
   pending, tick = [], time.perf_counter()
 
   for step in range(start + 1, t.num_steps + 1):
@@ -239,6 +250,8 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
   """Writes samples of the newest checkpoint's EMA weights to samples/final_step_N.txt."""
   run, state, step = _restore_for_inference(config, workdir)
   known = known_mask = None
+  if prompt and run.is_image:
+    raise ValueError("--prompt is for text models")
   if prompt:
     ids = run.data.tokenizer.encode(prompt)[: config.seq_len]
     known = np.zeros((config.seq_len,), np.int32)
@@ -249,4 +262,4 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, "sample_only", {**report, "weights": "ema"})
   writer.close()
-  return os.path.join(workdir, "samples", f"{name}.txt")
+  return os.path.join(workdir, "samples", name + (".png" if run.is_image else ".txt"))

