@@ -117,7 +117,7 @@ def cmd_sample(args) -> dict:
         masked.sample, logits_fn, schedule=method.schedule, batch_size=args.batch,
         seq_len=args.seq_len, vocab_size=args.vocab, num_steps=args.steps, cache=cache,
         return_network_calls=True))
-    seconds = best_time(fn, jax.random.key(2), repeats=3)
+    seconds = best_time(fn, jax.random.key(2), repeats=2)
     calls = int(fn(jax.random.key(2))[1])
     results["cache" if cache else "no_cache"] = {
         "seconds": seconds, "network_calls": calls,

@@ -116,17 +116,36 @@ def test_few_steps_are_biased_many_steps_are_not():
   assert one_step > 0.1 > oracle.total_variation(draw(num_steps=100), P)
 
 
-def test_cache_gives_same_samples_with_fewer_calls():
-  kw = dict(batch_size=4, seq_len=L, vocab_size=V, num_steps=64, return_network_calls=True)
+@pytest.mark.parametrize("num_steps", [3, 64])
+def test_cache_gives_same_samples_with_fewer_calls(num_steps):
+  # A time-dependent network: the event-driven sampler calls it at each row's own time, so it
+  # is exact for time-conditioned networks too.
+  def time_dependent(z, t):
+    return LOGITS_FN(z, t) + 3.0 * t[:, None, None] * jnp.arange(V)
+
+  kw = dict(batch_size=8, seq_len=L, vocab_size=V, num_steps=num_steps,
+            return_network_calls=True)
   schedule = get_schedule("cosine")
-  rng = jax.random.key(11)
-  cached, cached_calls = jax.jit(lambda r: masked.sample(LOGITS_FN, r, schedule, **kw))(rng)
-  plain, plain_calls = jax.jit(
-      lambda r: masked.sample(LOGITS_FN, r, schedule, cache=False, **kw))(rng)
-  np.testing.assert_array_equal(cached, plain)
-  assert int(plain_calls) == 64
-  # At most one call per step that revealed something, plus the first: at most L * B + 1.
-  assert int(cached_calls) <= L * 4 + 1 < 64
+  for seed in range(3):
+    rng = jax.random.key(seed)
+    cached, cached_calls = jax.jit(lambda r: masked.sample(time_dependent, r, schedule, **kw))(rng)
+    plain, plain_calls = jax.jit(
+        lambda r: masked.sample(time_dependent, r, schedule, cache=False, **kw))(rng)
+    np.testing.assert_array_equal(cached, plain)
+    assert int(plain_calls) == num_steps
+    # One call per distinct reveal step of the busiest row: at most min(num_steps, L).
+    assert 1 <= int(cached_calls) <= min(num_steps, L)
+
+
+def test_reveal_steps_follow_the_schedule():
+  schedule = get_schedule("cosine")
+  times = masked.time_grid(8, "uniform")
+  steps = np.asarray(masked.reveal_steps(jax.random.key(0), schedule, times, (200_000,)))
+  alpha = np.asarray(schedule.alpha(times))
+  still_masked = np.append((1 - alpha[1:-1]) / (1 - alpha[0]), 0.0)
+  expected = -np.diff(np.concatenate([[1.0], still_masked]))  # P(reveal at step i)
+  observed = np.bincount(steps, minlength=8) / len(steps)
+  np.testing.assert_allclose(observed, expected, atol=4 * np.sqrt(0.25 / len(steps)))
 
 
 def test_adjust_logits_top_p_and_temperature():

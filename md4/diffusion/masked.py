@@ -115,6 +115,28 @@ def initial_state(batch_size: int, seq_len: int, mask_id: int, known: Array | No
   return jnp.where(known_mask, jnp.broadcast_to(known, z.shape).astype(jnp.int32), z)
 
 
+def reveal_steps(rng: Array, schedule: Schedule, times: Array, shape: tuple[int, ...]) -> Array:
+  """The step at which each position is revealed, int[shape] in 0..S-1.
+
+  In the ancestral sampler a masked position is revealed at step i (t_i -> t_{i+1}) with
+  probability r_i = (alpha_{i+1} - alpha_i) / (1 - alpha_i), whatever the network says, and the
+  last step reveals everything. So reveal steps are independent across positions, with
+  P(still masked after step i) = (1 - alpha(t_{i+1})) / (1 - alpha(t_0)) (the product telescopes).
+  """
+  alpha = schedule.alpha(times)
+  still_masked = ((1.0 - alpha[1:]) / (1.0 - alpha[0])).at[-1].set(0.0)  # [S], decreasing
+  u = jax.random.uniform(rng, shape)
+  # The number of steps after which the position is still masked, i.e. its reveal step.
+  return jnp.searchsorted(-still_masked, -u, side="left").astype(jnp.int32)
+
+
+def _draw_values(rng: Array, steps: Array, logits: Array) -> Array:
+  """Values for every position of row b from logits[b], with a key depending on (step_b, b)."""
+  rows = jnp.arange(logits.shape[0])
+  keys = jax.vmap(lambda s, b: jax.random.fold_in(jax.random.fold_in(rng, s), b))(steps, rows)
+  return jax.vmap(sample_categorical)(keys, logits)
+
+
 def sample(logits_fn: LogitsFn, rng: Array, schedule: Schedule, *, batch_size: int, seq_len: int,
            vocab_size: int, num_steps: int, top_p: float | None = None, temperature: float = 1.0,
            grid: str = "uniform", known: Array | None = None, known_mask: Array | None = None,
@@ -122,37 +144,41 @@ def sample(logits_fn: LogitsFn, rng: Array, schedule: Schedule, *, batch_size: i
   """Ancestral sampler from the all-mask sequence: int[B, L] (and the network call count).
 
   At each step t -> s every masked position is revealed with probability
-  (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from mu (after temperature / top-p); at the
-  last step every remaining mask is revealed. Known positions are set before the first step and
-  never change. With `cache`, a step that follows a step where nothing was revealed reuses the
-  previous logits instead of calling the network: exact when the network does not depend on t
-  (as the true denoiser does not), an approximation for a time-conditioned network otherwise.
+  (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from mu(z_t, t) (after temperature /
+  top-p); the last step reveals every remaining mask. Known positions are set before the first
+  step and never change.
+
+  Which positions are revealed when does not depend on the network, so it is drawn up front
+  (`reveal_steps`). A row's state changes only at its own reveal steps, so with `cache` the
+  network is called once per *event* of each row, rows advancing through their own events in
+  lock step (each at its own time t): the number of calls is the largest number of distinct
+  reveal steps of a row, at most min(num_steps, L), instead of num_steps. This is exact for any
+  network, time-conditioned or not: `cache=False` (one call per step) gives the same samples for
+  the same key.
   """
   times = time_grid(num_steps, grid)
   mask_id = vocab_size
   z = initial_state(batch_size, seq_len, mask_id, known, known_mask)
+  schedule_rng, value_rng = jax.random.split(rng)
+  reveal_at = reveal_steps(schedule_rng, schedule, times, z.shape)
+  reveal_at = jnp.where(z == mask_id, reveal_at, num_steps + 1)  # known: never revealed
 
-  def call(z: Array, t: Array) -> Array:
-    logits = logits_fn(z, jnp.full((batch_size,), t))
-    return adjust_logits(logits, temperature=temperature, top_p=top_p)
+  def reveal(z: Array, steps: Array) -> Array:
+    """Row b draws the positions it reveals at step steps[b] from mu(z_b, t_{steps[b]})."""
+    t = times[jnp.minimum(steps, num_steps - 1)]
+    logits = adjust_logits(logits_fn(z, t), temperature=temperature, top_p=top_p)
+    values = _draw_values(value_rng, steps, logits)
+    return jnp.where(reveal_at == steps[:, None], values, z)
 
-  def step(i, carry):
-    z, logits, stale, calls = carry
-    t, s = times[i], times[i + 1]
-    if cache:
-      logits = jax.lax.cond(stale, lambda: call(z, t), lambda: logits)
-    else:
-      logits = call(z, t)
-    calls = calls + stale.astype(jnp.int32) if cache else calls + 1
-    alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
-    reveal_prob = jnp.where(i == num_steps - 1, 1.0, (alpha_s - alpha_t) / (1.0 - alpha_t))
-    step_rng = jax.random.fold_in(rng, i)
-    reveal_rng, value_rng = jax.random.split(step_rng)
-    reveal = (z == mask_id) & (jax.random.uniform(reveal_rng, z.shape) < reveal_prob)
-    z = jnp.where(reveal, sample_categorical(value_rng, logits), z)
-    return z, logits, jnp.any(reveal), calls
-
-  logits = jnp.zeros((batch_size, seq_len, vocab_size), jnp.float32)
-  carry = (z, logits, jnp.array(True), jnp.array(0, jnp.int32))
-  z, _, _, calls = jax.lax.fori_loop(0, num_steps, step, carry)
+  if not cache:
+    z = jax.lax.fori_loop(0, num_steps, lambda i, z: reveal(z, jnp.full((batch_size,), i)), z)
+    calls = jnp.array(num_steps, jnp.int32)
+  else:
+    # Each row's distinct reveal steps in increasing order, padded with num_steps ("done").
+    rows = jnp.arange(batch_size)[:, None]
+    has_event = jnp.zeros((batch_size, num_steps), bool).at[rows, reveal_at].set(True, mode="drop")
+    events = jnp.sort(jnp.where(has_event, jnp.arange(num_steps), num_steps), axis=1)
+    calls = jnp.max(jnp.sum(has_event, axis=1)).astype(jnp.int32)
+    _, z = jax.lax.while_loop(lambda c: c[0] < calls,
+                              lambda c: (c[0] + 1, reveal(c[1], events[:, c[0]])), (0, z))
   return (z, calls) if return_network_calls else z
