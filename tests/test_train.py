@@ -167,8 +167,10 @@ def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
     ("configs/genmd4_demo.py", {"surrogate", "w_min", "w_mean", "w_max", "bits_per_token"}),
     ("configs/ggm_demo.py", {"loss"}),
     ("configs/ar_demo.py", {"bits_per_token", "ppl"}),
-    ("configs/blackout_demo.py", {"loss"}),
-    ("configs/md4_pixels_demo.py", {"bits_per_dim", "bits_per_token"}),
+    # UNet compilation makes the image runs slow on a CPU.
+    pytest.param("configs/blackout_demo.py", {"loss"}, marks=pytest.mark.slow),
+    pytest.param("configs/md4_pixels_demo.py", {"bits_per_dim", "bits_per_token"},
+                 marks=pytest.mark.slow),
 ])
 def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
   workdir = str(tmp_path / "run")
