@@ -27,10 +27,10 @@ import ml_collections
 
 from md4.diffusion import blackout, masked
 from md4.diffusion.schedules import get_schedule
+from md4.networks import DTYPES
 from md4.networks.unet import UNet
 
 Array = jnp.ndarray
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PIXEL_VALUES = 256  # MD4 on 8-bit pixels; the mask id is 256
 
 

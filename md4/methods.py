@@ -24,10 +24,10 @@ from md4 import image_methods
 from md4.diffusion import genmd4, glauber, masked
 from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.schedules import get_schedule
+from md4.networks import DTYPES
 from md4.networks.transformer import Transformer
 
 Array = jnp.ndarray
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,

