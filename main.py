@@ -1,6 +1,8 @@
 """Entry point: python main.py --config=configs/demo.py --workdir=DIR [--mode=train|eval|sample].
 
 Config values can be overridden on the command line, e.g. --config.optimizer.lr=1e-3.
+mode=eval with other data (--config.data.path=...) is zero-shot likelihood. mode=sample takes
+one of --prompt, --infill (text, gaps as `_`) or --infill_region (images, e.g. center).
 Bad input (unknown config key or dataset, wrong vocabulary, missing file, unreadable checkpoint)
 ends in one line on stderr and exit status 2; set MD4_DEBUG=1 to see the traceback.
 """
@@ -18,6 +20,10 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
 flags.DEFINE_string("prompt", None, "mode=sample: text the samples start with (kept fixed).")
+flags.DEFINE_string("infill", None, "mode=sample: a text template whose `_` characters are "
+                    "unknown tokens to fill (one token each); the rest is kept fixed.")
+flags.DEFINE_string("infill_region", None, "mode=sample, image models: the region of held-out "
+                    "images to fill: top, bottom, left, right, center or 'y0:y1,x0:x1'.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize(): auto = when the environment asks for it.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -83,6 +89,8 @@ def main(argv: list[str]) -> None:
   expected = (config_lib.ConfigError, ValueError, FileNotFoundError,
               checkpointing.CheckpointError, train.NonFiniteError)
   try:
+    if FLAGS.mode != "sample" and (FLAGS.prompt or FLAGS.infill or FLAGS.infill_region):
+      raise ValueError("--prompt, --infill and --infill_region are for --mode=sample")
     if FLAGS.mode == "train":
       train.train(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
@@ -90,9 +98,13 @@ def main(argv: list[str]) -> None:
       print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in report.items()))
     else:
-      path = train.sample_only(FLAGS.config, FLAGS.workdir, prompt=FLAGS.prompt)
-      with open(path) as f:
-        print(f.read())
+      path = train.sample_only(FLAGS.config, FLAGS.workdir, prompt=FLAGS.prompt,
+                               infill_text=FLAGS.infill, infill_region=FLAGS.infill_region)
+      if path.endswith(".png"):
+        print(f"wrote {path}")
+      else:
+        with open(path) as f:
+          print(f.read())
   except expected as e:
     if os.environ.get("MD4_DEBUG"):
       raise

@@ -11,8 +11,10 @@ import os
 
 import jax
 import ml_collections
+from etils import epath
 
 from md4 import methods
+from md4.data.images import IMAGE_DATASETS
 from md4.diffusion.schedules import get_schedule
 
 
@@ -68,6 +70,8 @@ def base() -> ml_collections.ConfigDict:
   ))
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=32, num_batches=16, weights=("params", "ema"),
+      time_samples=1,        # independent time/mask draws per held-out example (fixed keys)
+      reference_workdir="",  # an AR run's workdir: samples also report gen_ppl under it
   ))
   c.sampling = ml_collections.ConfigDict(dict(
       every=0, num_samples=4, num_steps=128, grid="uniform", top_p=0.0, temperature=1.0,
@@ -95,6 +99,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"got {m.dtype!r}")
   _require(m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
            f"model.width {m.width} must split into num_heads {m.num_heads} heads of even size")
+  _require(not (config.model_type == "ar" and m.time_conditioning),
+           "model_type 'ar' has no diffusion time: set model.time_conditioning=False")
   _require(t.num_steps > 0, "training.num_steps must be positive")
   for name in ("log_every", "eval_every", "checkpoint_every", "grad_accum"):
     _require(t[name] > 0, f"training.{name} must be positive, got {t[name]}")
@@ -109,6 +115,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"eval.batch_size {config.eval.batch_size} is not divisible by the {devices} devices")
   for w in config.eval.weights:
     _require(w in ("params", "ema"), f"eval.weights entries must be 'params' or 'ema', got {w!r}")
+  _require(config.eval.time_samples >= 1,
+           f"eval.time_samples must be at least 1, got {config.eval.time_samples}")
   _require(config.sampling.grid in ("uniform", "cosine"),
            f"sampling.grid must be uniform or cosine, got {config.sampling.grid!r}")
   _require(config.sampling.num_steps > 0, "sampling.num_steps must be positive")
@@ -144,9 +152,53 @@ def check_data(config: ml_collections.ConfigDict, data) -> int:
   return config.vocab_size
 
 
+def check_reference(config: ml_collections.ConfigDict,
+                    reference: ml_collections.ConfigDict) -> None:
+  """Checks that the AR model of `reference` (a run's saved config) can score `config`'s samples."""
+  where = f"eval.reference_workdir {config.eval.reference_workdir}"
+  _require(config.data.dataset not in IMAGE_DATASETS,
+           f"{where}: generative perplexity scores text samples, not "
+           f"{config.data.dataset!r} images")
+  _require(reference.model_type == "ar",
+           f"{where} holds a {reference.model_type!r} run; the reference must be model_type 'ar'")
+  _require(reference.vocab_size == config.vocab_size
+           and reference.data.tokenizer == config.data.tokenizer,
+           f"{where}: its vocabulary ({reference.data.tokenizer}, {reference.vocab_size}) differs "
+           f"from this run's ({config.data.tokenizer}, {config.vocab_size})")
+  _require(reference.seq_len >= config.seq_len,
+           f"{where}: its seq_len {reference.seq_len} is shorter than this run's {config.seq_len}")
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config to workdir/config.json (process 0)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config that `save` wrote to workdir/config.json (a local or bucket path), over `base()`.
+
+  Fields newer than the run keep their defaults; JSON lists come back as tuples, as the config
+  files write them.
+  """
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a trained run?")
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e})") from None
+  config = base()
+  config.update(_tuples(saved))
+  return config
+
+
+def _tuples(value):
+  """`value` with every list (recursively) turned into a tuple."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value

@@ -1,4 +1,5 @@
-"""Likelihood and sample metrics: held-out NELBO with a standard error, unigram entropy."""
+"""Likelihood and sample metrics: held-out NELBO with a standard error, generative perplexity
+under a reference model, unigram entropy."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ def likelihood_report(nats_per_token: float) -> dict[str, float]:
 
 
 def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, *,
-             rng: jax.Array, num_batches: int,
-             likelihood_metrics: tuple[str, ...]) -> dict[str, float]:
+             rng: jax.Array, num_batches: int, likelihood_metrics: tuple[str, ...],
+             time_samples: int = 1) -> dict[str, float]:
   """Means of the method's per-example metrics over `num_batches` held-out batches.
 
+  Each example is evaluated with `time_samples` independent draws of the method's randomness
+  (diffusion times and masks) and its metrics averaged over them before the mean over examples.
   Metrics named in `likelihood_metrics` are nats per example; they are reported per token (per
   dimension for images), as bits per token and perplexity, with the standard error of the bits
-  per token over examples.
-  Keys are fixed (fold_in of `rng` with the batch index), so repeated calls agree exactly.
+  per token over examples (which shrinks as time_samples removes Monte Carlo noise).
+  Keys are fixed (fold_in of `rng` with the batch index and the draw), so repeated calls agree
+  exactly.
   """
   values: dict[str, list[np.ndarray]] = {}
   count = dims = 0
@@ -35,14 +39,16 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     if num_batches and i >= num_batches:
       break
     dims = math.prod(next(iter(batch.values())).shape[1:])  # tokens (or pixels) per example
-    out = jax.device_get(eval_step(params, sharding.global_batch(mesh, batch),
-                                   jax.random.fold_in(rng, i)))
-    for k, v in out.items():
-      values.setdefault(k, []).append(np.asarray(v, np.float64))
+    batch = sharding.global_batch(mesh, batch)
+    draws = [jax.device_get(eval_step(params, batch, jax.random.fold_in(
+        jax.random.fold_in(rng, i), j))) for j in range(time_samples)]
+    for k in draws[0]:
+      values.setdefault(k, []).append(np.mean([np.asarray(d[k], np.float64) for d in draws], 0))
     count += 1
   if not count:
     raise ValueError("the held-out split yielded no batch; lower eval.batch_size or seq_len")
-  report: dict[str, float] = {"eval_examples": sum(len(v) for v in next(iter(values.values())))}
+  report: dict[str, float] = {"eval_examples": sum(len(v) for v in next(iter(values.values()))),
+                              "time_samples": time_samples}
   for k, chunks in values.items():
     v = np.concatenate(chunks)
     if k in likelihood_metrics:
@@ -53,6 +59,24 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     else:
       report[k] = float(v.mean())
   return report
+
+
+def generative_perplexity(samples: np.ndarray, nll_fn: Callable[[np.ndarray], Any]
+                          ) -> dict[str, float]:
+  """Perplexity of samples int[B, L] under a reference model, with a standard error.
+
+  `nll_fn(tokens int[B, L]) -> float[B]` returns the reference model's negative log-likelihood
+  in nats per sequence (e.g. this codebase's AR model, or any larger pretrained one). Reported:
+  `gen_ppl` = exp(mean nats per token), `gen_nats_per_token` and its standard error over samples.
+  """
+  samples = np.asarray(samples)
+  if samples.ndim != 2 or len(samples) < 2:
+    raise ValueError(f"generative perplexity needs int[B, L] samples with B >= 2, got shape "
+                     f"{samples.shape}")
+  per_token = np.asarray(nll_fn(samples), np.float64) / samples.shape[1]
+  mean = float(per_token.mean())
+  return {"gen_ppl": math.exp(min(mean, 700.0)), "gen_nats_per_token": mean,
+          "gen_nats_per_token_se": float(per_token.std(ddof=1) / math.sqrt(len(per_token)))}
 
 
 def unigram_entropy(tokens: np.ndarray) -> np.ndarray:

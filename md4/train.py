@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from md4 import checkpointing, config_lib, evaluate, methods, sharding
+from md4 import checkpointing, config_lib, evaluate, infill, methods, sharding
 from md4.data import images
 from md4.data.pipeline import create_datasets
 from md4.metric_writers import MetricWriter
@@ -96,7 +97,11 @@ def init_state(method, tx, rng: jax.Array) -> dict:
 
 
 class Run:
-  """Everything a mode needs: config, mesh, data, method, optimizer, jitted steps."""
+  """Everything a mode needs: config, mesh, data, method, optimizer, jitted steps.
+
+  With `with_data=False` no data is read (`data` is None): the model, its state's shapes and the
+  checkpoint depend on the config alone.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True):
     config_lib.validate(config)
@@ -107,11 +112,12 @@ class Run:
     common = dict(batch_size=config.training.batch_size, seed=config.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   eval_batch_size=config.eval.batch_size)
-    if self.is_image:
+    self.data = None
+    if with_data and self.is_image:
       self.data = images.create_image_datasets(config.data, **common)
-    else:
+    elif with_data:
       self.data = create_datasets(config.data, seq_len=config.seq_len, **common)
-    vocab_size = config_lib.check_data(config, self.data)
+    vocab_size = config_lib.check_data(config, self.data) if with_data else config.vocab_size
     self.method = methods.create(config, vocab_size)
     self.tx, self.lr = make_optimizer(config, config.training.num_steps)
     # Independent streams for init, training steps, evaluation and sampling.
@@ -153,12 +159,16 @@ class Run:
     """Method metrics on held-out data (fixed batches and keys; means per example)."""
     return evaluate.held_out(self.eval_step, params, self.data.eval_batches(), self.mesh,
                              rng=self.eval_rng, num_batches=num_batches,
-                             likelihood_metrics=self.method.likelihood_metrics)
+                             likelihood_metrics=self.method.likelihood_metrics,
+                             time_samples=self.config.eval.time_samples)
 
   def draw_samples(self, params: Any, step: int, *, known=None, known_mask=None,
-                   name: str | None = None) -> dict[str, float]:
+                   name: str | None = None, nll_fn: Callable | None = None) -> dict[str, float]:
     """Samples from `params`, written to samples/<name or step_N>.txt (.png for images);
-    returns sample metrics."""
+    returns sample metrics, with the generative perplexity under `nll_fn` when given.
+
+    Image infilling (`known` int[B, H, W, C]) writes each masked input beside its completion.
+    """
     num = self.config.sampling.num_samples
     rng = jax.random.fold_in(self.sample_rng, step)
     samples = np.asarray(self.sample_step(params, rng, num, known, known_mask))
@@ -166,18 +176,24 @@ class Run:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       if self.is_image:
-        images.save_image_grid(samples, path + ".png", self.data.max_count)
+        shown = samples if known_mask is None else infill.side_by_side(
+            known, known_mask, samples, fill=self.data.max_count // 2)
+        images.save_image_grid(shown, path + ".png", self.data.max_count)
       else:
         with open(path + ".txt", "w") as f:
           f.write("\n\n".join(self.data.tokenizer.decode(row) for row in samples) + "\n")
     if self.is_image:
       return {"mean_intensity": float(samples.mean() / self.data.max_count)}
-    return {"unigram_entropy": float(evaluate.unigram_entropy(samples).mean())}
+    report = {"unigram_entropy": float(evaluate.unigram_entropy(samples).mean())}
+    if nll_fn is not None:
+      report.update(evaluate.generative_perplexity(samples, nll_fn))
+    return report
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
   run = Run(config, workdir)
+  reference = load_reference(config) if config.sampling.every else None
   t = config.training
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   config_lib.save(config, workdir)
@@ -214,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, "eval", {**report, "weights": weights})
 
     if config.sampling.every and (step % config.sampling.every == 0 or step == t.num_steps):
-      writer.write(step, "sample", {**run.draw_samples(state["ema"], step), "weights": "ema"})
+      report = run.draw_samples(state["ema"], step, nll_fn=reference)
+      writer.write(step, "sample", {**report, "weights": "ema"})
 
     if step % t.checkpoint_every == 0 or step == t.num_steps:
       run.checkpointer.save(step, state, run.data.train.get_state())
@@ -224,9 +241,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return state
 
 
-def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str
-                           ) -> tuple[Run, dict, int]:
-  run = Run(config, workdir)
+def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
+                       with_data: bool = True) -> tuple[Run, dict, int]:
+  """(run, state, step) of the newest readable checkpoint in workdir.
+
+  The restore depends on the config's model only, so `config.data` may name any dataset with
+  the same vocabulary (zero-shot evaluation); `with_data=False` reads no data at all.
+  """
+  run = Run(config, workdir, with_data=with_data)
   restored = run.checkpointer.restore_latest(run.abstract_state)
   if restored is None:
     raise checkpointing.CheckpointError(f"no checkpoint in {run.checkpointer.directory}; "
@@ -235,31 +257,101 @@ def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str
   return run, state, step
 
 
+def load_reference(config: ml_collections.ConfigDict) -> Callable | None:
+  """nll_fn(tokens int[B, L]) -> nats float[B] of the AR run in config.eval.reference_workdir.
+
+  The reference is built from its own saved config.json and scored with its EMA weights; None
+  when no reference is configured. Vocabulary and seq_len are checked before anything is loaded.
+  """
+  workdir = config.eval.reference_workdir
+  if not workdir:
+    return None
+  reference = config_lib.load(workdir)
+  config_lib.check_reference(config, reference)
+  run, state, step = load_for_inference(reference, workdir, with_data=False)
+  logging.info("reference model for generative perplexity: %s (step %d)", workdir, step)
+  nll, params = jax.jit(run.method.nll), state["ema"]
+  return lambda tokens: nll(params, tokens)
+
+
 def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Held-out metrics of the newest checkpoint's EMA weights (mode=eval)."""
-  run, state, step = _restore_for_inference(config, workdir)
-  report = {**run.evaluate(state["ema"], num_batches=config.eval.num_batches), "weights": "ema"}
+  """Held-out metrics of the newest checkpoint's EMA weights (mode=eval).
+
+  `config.data` may differ from the training data (zero-shot likelihood); the report names the
+  data it was computed on.
+  """
+  run, state, step = load_for_inference(config, workdir)
+  report = {**run.evaluate(state["ema"], num_batches=config.eval.num_batches), "weights": "ema",
+            "data": run.data.info["description"]}
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, "eval_only", report)
   writer.close()
   return report
 
 
-def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str | None = None
-                ) -> str:
-  """Writes samples of the newest checkpoint's EMA weights to samples/final_step_N.txt."""
-  run, state, step = _restore_for_inference(config, workdir)
+def conditioning(config: ml_collections.ConfigDict, *, prompt: str | None, infill_text: str | None,
+                 infill_region: str | None) -> str | None:
+  """Which conditioning of mode=sample applies ("prompt", "infill", "region" or None).
+
+  Raises ValueError (one line) for a combination the model cannot take.
+  """
+  given = [flag for flag, value in (("--prompt", prompt), ("--infill", infill_text),
+                                    ("--infill_region", infill_region)) if value]
+  if len(given) > 1:
+    raise ValueError(f"{' and '.join(given)} cannot be combined; give one")
+  if not given:
+    return None
+  if config.model_type == "blackout":
+    raise ValueError(f"{given[0]}: Blackout sampling has no conditioning on known pixels "
+                     "(infill images with model_type md4_pixels)")
+  is_image = config.data.dataset in images.IMAGE_DATASETS
+  if is_image and given[0] != "--infill_region":
+    raise ValueError(f"{given[0]} is for text models; infill images with --infill_region")
+  if not is_image and given[0] == "--infill_region":
+    raise ValueError("--infill_region is for image models; infill text with --infill")
+  return {"--prompt": "prompt", "--infill": "infill", "--infill_region": "region"}[given[0]]
+
+
+def held_out_images(run: Run, num: int) -> np.ndarray:
+  """The first `num` held-out images: int[num, H, W, C]."""
+  batches, count = [], 0
+  for batch in run.data.eval_batches():
+    batches.append(batch["images"])
+    count += len(batch["images"])
+    if count >= num:
+      return np.concatenate(batches)[:num]
+  raise ValueError(f"the held-out split has {count} images, fewer than sampling.num_samples {num}")
+
+
+def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str | None = None,
+                infill_text: str | None = None, infill_region: str | None = None) -> str:
+  """Writes samples of the newest checkpoint's EMA weights to samples/final_step_N.txt (.png),
+  or infill_step_N for infilling; returns the path.
+
+  prompt: text the samples start with. infill_text: a template whose `_` are unknown tokens
+  (md4.infill.text_template). infill_region: the region of held-out images to fill
+  (md4.infill.image_region), for MD4 on pixels. Known tokens and pixels never change.
+  """
+  kind = conditioning(config, prompt=prompt, infill_text=infill_text, infill_region=infill_region)
+  if kind == "region":  # checked before anything is loaded
+    region_mask = infill.image_region(tuple(config.image_shape), infill_region)
+  reference = load_reference(config)
+  run, state, step = load_for_inference(config, workdir)
   known = known_mask = None
-  if prompt and run.is_image:
-    raise ValueError("--prompt is for text models")
-  if prompt:
+  if kind == "prompt":
     ids = run.data.tokenizer.encode(prompt)[: config.seq_len]
     known = np.zeros((config.seq_len,), np.int32)
     known[: len(ids)] = ids
     known_mask = np.arange(config.seq_len) < len(ids)
-  name = f"final_step_{step}"
-  report = run.draw_samples(state["ema"], step, known=known, known_mask=known_mask, name=name)
+  elif kind == "infill":
+    known, known_mask = infill.text_template(infill_text, run.data.tokenizer, config.seq_len)
+  elif kind == "region":
+    known = held_out_images(run, config.sampling.num_samples)
+    known_mask = np.broadcast_to(region_mask, known.shape)
+  name = f"{'infill' if kind in ('infill', 'region') else 'final'}_step_{step}"
+  report = run.draw_samples(state["ema"], step, known=known, known_mask=known_mask, name=name,
+                            nll_fn=reference)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  writer.write(step, "sample_only", {**report, "weights": "ema"})
+  writer.write(step, "sample_only", {**report, "weights": "ema", "conditioning": kind or "none"})
   writer.close()
   return os.path.join(workdir, "samples", name + (".png" if run.is_image else ".txt"))

@@ -132,9 +132,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus):
     ("--config.data.path=/nonexistent/corpus", "/nonexistent/corpus"),
     ("--config.diffusion.schedule=poly", "unknown schedule 'poly'"),
     ("--config.training.grad_accum=3", "not divisible"),
+    ("--config.model_type=ar --config.model.time_conditioning=True",
+     "set model.time_conditioning=False"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, corpus, override, message):
-  args = [f"--config.data.path={corpus}", *TINY, override]
+  args = [f"--config.data.path={corpus}", *TINY, *override.split()]
   result = main_py(str(tmp_path / "run"), *args)
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]

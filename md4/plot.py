@@ -1,0 +1,131 @@
+"""Training curves from one or more workdirs' metrics.jsonl, as a PNG.
+
+  python -m md4.plot runs/demo [runs/other ...] --out curves.png [--metric bits_per_token ...]
+
+One panel per metric; train and eval curves of every workdir overlaid (eval curves are split by
+the weights they used, e.g. "eval/ema"). Workdirs may be bucket paths (gs://...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from etils import epath
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# {curve: {metric: (steps int[N], values float[N])}}, curves such as "train" or "eval/ema".
+Series = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+DEFAULT_METRICS = ("bits_per_token", "lr", "grad_norm", "tokens_per_s")
+DPI = 100
+PANEL_INCHES = (6.0, 4.0)
+LINESTYLES = {"train": "-", "eval/params": ":", "eval/ema": "--"}
+
+
+def read_metrics(workdir: str) -> Series:
+  """The numeric series of workdir/metrics.jsonl, per curve and metric, in file order."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"no metrics.jsonl in {workdir}")
+  points: dict[str, dict[str, list[tuple[int, float]]]] = {}
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      step, split = int(record["step"]), str(record["split"])
+    except (ValueError, KeyError, TypeError):
+      raise ValueError(f"{path}:{number}: not a metrics record (JSON with step and split)"
+                       ) from None
+    curve = f"{split}/{record['weights']}" if "weights" in record and split != "sample" else split
+    for name, value in record.items():
+      if name not in ("step", "split") and isinstance(value, (int, float)) \
+          and not isinstance(value, bool):
+        points.setdefault(curve, {}).setdefault(name, []).append((step, float(value)))
+  if not points:
+    raise ValueError(f"{path} has no metrics")
+  return {curve: {name: (np.array([s for s, _ in p]), np.array([v for _, v in p]))
+                  for name, p in metrics.items()} for curve, metrics in points.items()}
+
+
+def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[str]:
+  """The requested metrics (all must exist), or the defaults that exist (loss if no bits)."""
+  present = {name for series in runs for curve in series.values() for name in curve}
+  if metrics:
+    missing = [m for m in metrics if m not in present]
+    if missing:
+      raise ValueError(f"metric {', '.join(missing)} not in any metrics.jsonl; "
+                       f"available: {', '.join(sorted(present))}")
+    return list(metrics)
+  chosen = [m for m in DEFAULT_METRICS if m in present]
+  if "bits_per_token" not in present and "loss" in present:
+    chosen.insert(0, "loss")
+  return chosen
+
+
+def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | None = None,
+                 labels: Sequence[str] | None = None) -> Figure:
+  """Writes a PNG of the curves of `workdirs` (one panel per metric) to `out`; returns the figure.
+
+  Default metrics: bits_per_token (else loss), lr, grad_norm, tokens_per_s, as available.
+  """
+  if not workdirs:
+    raise ValueError("no workdir given")
+  labels = list(labels) if labels else [str(w).rstrip("/") for w in workdirs]
+  if len(labels) != len(workdirs):
+    raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs")
+  runs = [read_metrics(w) for w in workdirs]
+  names = _available(runs, metrics)
+  if not names:
+    raise ValueError("no metric to plot")
+  cols = min(2, len(names))
+  rows = math.ceil(len(names) / cols)
+  fig = Figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows), dpi=DPI)
+  FigureCanvasAgg(fig)
+  colors = [f"C{i % 10}" for i in range(len(runs))]
+  for i, name in enumerate(names):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    for label, series, color in zip(labels, runs, colors, strict=True):
+      for curve, by_metric in series.items():
+        if name not in by_metric:
+          continue
+        steps, values = by_metric[name]
+        ax.plot(steps, values, LINESTYLES.get(curve, "-."), color=color,
+                marker="o" if len(steps) < 20 else None, markersize=3,
+                label=f"{label} {curve}" if len(runs) > 1 else curve)
+    ax.set_title(name)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  with epath.Path(out).open("wb") as f:
+    fig.savefig(f, format="png", dpi=DPI)
+  return fig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m md4.plot", description=__doc__.split("\n")[0])
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  parser.add_argument("--out", default="curves.png", help="PNG path (default: curves.png)")
+  parser.add_argument("--metric", action="append", dest="metrics",
+                      help="metric to plot (repeatable); default: " + ", ".join(DEFAULT_METRICS))
+  parser.add_argument("--label", action="append", dest="labels",
+                      help="legend name of each workdir, in order (default: the path)")
+  args = parser.parse_args(argv)
+  try:
+    plot_metrics(args.workdirs, args.out, metrics=args.metrics, labels=args.labels)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,38 @@
+"""config.json written by a run reads back into the same config."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from md4 import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_save_load_round_trip(tmp_path, name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_lib.save(config, str(tmp_path))
+  loaded = config_lib.load(str(tmp_path))
+  assert loaded == config
+  assert loaded.to_dict() == config.to_dict()  # tuples stay tuples
+  assert isinstance(loaded.image_shape, tuple) and isinstance(loaded.eval.weights, tuple)
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json not found"):
+    config_lib.load(str(tmp_path))
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(config_lib.ConfigError, match="is not valid JSON"):
+    config_lib.load(str(tmp_path))
+
+
+def test_fields_missing_from_an_older_run_get_defaults(tmp_path):
+  (tmp_path / "config.json").write_text('{"seq_len": 64, "sampling": {"num_steps": 7}}')
+  loaded = config_lib.load(str(tmp_path))
+  assert loaded.seq_len == 64 and loaded.sampling.num_steps == 7
+  assert loaded.sampling.grid == config_lib.base().sampling.grid
