@@ -37,6 +37,7 @@ def base() -> ml_collections.ConfigDict:
       holdout_fraction=0.1,
       tfds_name="", tfds_data_dir="", tfds_train_split="train", tfds_eval_split="validation",
       text_key="text",
+      read_threads=2, prefetch=8,  # grain reader threads and prefetch depth for training
   ))
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, dropout=0.0, dtype="float32",
