@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(QuietLibraries())
   if wants_distributed():
     initialize_distributed()
-  from md4 import checkpointing, config_lib, train
+  from md4 import checkpointing, config_lib, inference, train
 
   expected = (config_lib.ConfigError, ValueError, FileNotFoundError,
               checkpointing.CheckpointError, train.NonFiniteError)
@@ -94,11 +94,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode == "train":
       train.train(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
-      report = train.eval_only(FLAGS.config, FLAGS.workdir)
+      report = inference.eval_only(FLAGS.config, FLAGS.workdir)
       print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in report.items()))
     else:
-      path = train.sample_only(FLAGS.config, FLAGS.workdir, prompt=FLAGS.prompt,
+      path = inference.sample_only(FLAGS.config, FLAGS.workdir, prompt=FLAGS.prompt,
                                infill_text=FLAGS.infill, infill_region=FLAGS.infill_region)
       if path.endswith(".png"):
         print(f"wrote {path}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import ar_demo, demo
-from md4 import config_lib, evaluate, methods, sharding, train
+from md4 import config_lib, evaluate, inference, methods, sharding, train
 from md4.diffusion import masked
 from md4.diffusion.schedules import get_schedule
 from tests import oracle
@@ -162,14 +162,14 @@ def test_reference_is_checked_up_front(runs, tmp_path, change, message):
 
 def test_zero_shot_eval_on_other_data(runs, tmp_path):
   _, md4_dir, config = runs
-  in_domain = train.eval_only(config, md4_dir)
+  in_domain = inference.eval_only(config, md4_dir)
   other = tmp_path / "macbeth.txt"
   with open(os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare",
                          "macbeth.txt")) as f:
     other.write_text(f.read()[:30_000])
   zero_shot_config = config_lib.load(md4_dir)
   zero_shot_config.data.path = str(other)
-  zero_shot = train.eval_only(zero_shot_config, md4_dir)
+  zero_shot = inference.eval_only(zero_shot_config, md4_dir)
   assert str(other) in zero_shot["data"] and config.data.path in in_domain["data"]
   assert zero_shot["bits_per_token"] != in_domain["bits_per_token"]
   assert 0 < zero_shot["bits_per_token"] < 6 and zero_shot["bits_per_token_se"] > 0
