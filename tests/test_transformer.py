@@ -71,7 +71,8 @@ def test_output_shapes_and_head_index_gathers_the_full_output(base):
 def test_count_params_and_mlp_width():
   params = param_shapes()
   d, n, h = 32, V + 1, 96  # hidden = 2/3 * 4 * 32 = 85.3, rounded up to a multiple of 32
-  assert params["block_0"]["mlp_in"]["kernel"].shape == (d, 2 * h)
+  assert params["block_0"]["mlp_gate"]["kernel"].shape == (d, h)
+  assert params["block_0"]["mlp_up"]["kernel"].shape == (d, h)
   time_mlp = 256 * d + d + d * d + d
   block = (d * 6 * d + 6 * d) + 3 * d * d + (d * d + d) + d * 2 * h + (h * d + d)
   expected = n * d + time_mlp + 2 * block + (d * 2 * d + 2 * d) + (d * V + V)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4.networks.matmul import dense_dot_general
+
 Array = jax.Array
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal time features
@@ -90,10 +92,14 @@ def _softmax_attention_bwd(causal, residuals, d_out):
   d_out = d_out.astype(jnp.float32) / norm
   delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)
   d_out = d_out.astype(q.dtype)
-  dv = jnp.einsum("bhqk,bhqd->bhkd", p, d_out)
+  # dV and dK contract the query axis of both operands; forming their [Dh, L] transposes puts
+  # the [L, L] operand second, where XLA:CPU's library matmul takes it (attention's forward and
+  # backward together ~14% faster at L = 256).
+  dv = jnp.einsum("bhqd,bhqk->bhdk", d_out, p).swapaxes(-1, -2)
   dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
   ds = (p * (dp - delta)).astype(q.dtype)
-  return jnp.einsum("bhqk,bhkd->bhqd", ds, k), jnp.einsum("bhqk,bhqd->bhkd", ds, q), dv
+  dk = jnp.einsum("bhqd,bhqk->bhdk", q, ds).swapaxes(-1, -2)
+  return jnp.einsum("bhqk,bhkd->bhqd", ds, k), dk, dv
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
@@ -114,6 +120,12 @@ def attention(q: Array, k: Array, v: Array, causal: bool = False,
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, Dh]
   out = _softmax_attention(q * q.shape[-1] ** -0.5, k, v, causal)
   return out.transpose(0, 2, 1, 3)
+
+
+def _dense(features: int, name: str, dtype: Any, **kwargs) -> nn.Dense:
+  """A float32-parameter dense layer computing in `dtype`, with the CPU-friendly gradient."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  dot_general=dense_dot_general, **kwargs)
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -137,8 +149,7 @@ class Block(nn.Module):
                train: bool) -> Array:
     batch, seq_len, width = x.shape
     head_dim = width // self.num_heads
-    dense = lambda features, name, **kw: nn.Dense(
-        features, dtype=self.dtype, param_dtype=jnp.float32, name=name, **kw)
+    dense = functools.partial(_dense, dtype=self.dtype)
 
     if self.time_conditioning:
       mod = dense(6 * width, "modulation", kernel_init=nn.initializers.zeros)(nn.silu(cond))
@@ -164,7 +175,8 @@ class Block(nn.Module):
     h = norm("norm2")(x)
     if self.time_conditioning:
       h = _modulate(h, shift2, scale2)
-    gate, up = jnp.split(dense(2 * self.mlp_hidden, "mlp_in", use_bias=False)(h), 2, axis=-1)
+    gate = dense(self.mlp_hidden, "mlp_gate", use_bias=False)(h)
+    up = dense(self.mlp_hidden, "mlp_up", use_bias=False)(h)
     h = dense(width, "mlp_out")(nn.silu(gate) * up)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return x + (gate2[:, None] * h if self.time_conditioning else h)
@@ -197,8 +209,7 @@ class Transformer(nn.Module):
     if self.width % self.num_heads or (self.width // self.num_heads) % 2:
       raise ValueError(f"width {self.width} must split into {self.num_heads} even-sized heads")
     mlp_hidden = 32 * math.ceil(2 / 3 * self.mlp_ratio * self.width / 32)
-    dense = lambda features, name, **kw: nn.Dense(
-        features, dtype=self.dtype, param_dtype=jnp.float32, name=name, **kw)
+    dense = functools.partial(_dense, dtype=self.dtype)
 
     # The residual stream stays float32; norms cast to `dtype` before each matmul.
     x = nn.Embed(self.num_embeddings, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
