@@ -80,7 +80,9 @@ def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collectio
     (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, state["params"], micro_batches[0],
                                                      rng)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, (micro_batches, micro_rngs))
+    # Unrolled on CPU, for the convolution layouts above; a loop elsewhere, to bound memory.
+    unroll = jax.default_backend() == "cpu"
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, (micro_batches, micro_rngs), unroll=unroll)
     grads, metrics = jax.tree.map(lambda g: g / accum, (grads, metrics))
 
   grad_norm = optax.global_norm(grads)
