@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# tcmalloc makes CPU training steps ~1.3x faster (md4/tcmalloc.py; main.py and md4.bench use it
+# tcmalloc makes CPU training steps ~1.4x faster (md4/tcmalloc.py; main.py and md4.bench use it
 # when installed). Best effort: installed with apt-get when running as root, else a note.
 tcmalloc:
 	@ldconfig -p 2>/dev/null | grep -q libtcmalloc || \
