@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -65,6 +66,19 @@ class MetricWriter:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All records of a metrics.jsonl file (a local or bucket path), each with `step` and `split`.
+
+  A line that is not such a record is a ValueError naming the file and line.
+  """
+  records = []
+  for number, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      record["step"], record["split"] = int(record["step"]), str(record["split"])
+    except (ValueError, KeyError, TypeError):
+      raise ValueError(f"{path}:{number}: not a metrics record (JSON with step and split)"
+                       ) from None
+    records.append(record)
+  return records

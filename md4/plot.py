@@ -9,7 +9,6 @@ the weights they used, e.g. "eval/ema"). Workdirs may be bucket paths (gs://...)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ import numpy as np
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from md4 import metric_writers
 
 # {curve: {metric: (steps int[N], values float[N])}}, curves such as "train" or "eval/ema".
 Series = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -34,15 +35,8 @@ def read_metrics(workdir: str) -> Series:
   if not path.exists():
     raise FileNotFoundError(f"no metrics.jsonl in {workdir}")
   points: dict[str, dict[str, list[tuple[int, float]]]] = {}
-  for number, line in enumerate(path.read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      step, split = int(record["step"]), str(record["split"])
-    except (ValueError, KeyError, TypeError):
-      raise ValueError(f"{path}:{number}: not a metrics record (JSON with step and split)"
-                       ) from None
+  for record in metric_writers.read_metrics(str(path)):
+    step, split = record["step"], record["split"]
     curve = f"{split}/{record['weights']}" if "weights" in record and split != "sample" else split
     for name, value in record.items():
       if name not in ("step", "split") and isinstance(value, (int, float)) \
