@@ -82,10 +82,7 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
   run, state, step = load_for_inference(config, workdir)
   known = known_mask = None
   if kind == "prompt":
-    ids = run.data.tokenizer.encode(prompt)[: config.seq_len]
-    known = np.zeros((config.seq_len,), np.int32)
-    known[: len(ids)] = ids
-    known_mask = np.arange(config.seq_len) < len(ids)
+    known, known_mask = infill.prompt(prompt, run.data.tokenizer, config.seq_len)
   elif kind == "infill":
     known, known_mask = infill.text_template(infill_text, run.data.tokenizer, config.seq_len)
   elif kind == "region":

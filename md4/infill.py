@@ -10,6 +10,8 @@ its own (its first token may differ from the one the same text gets inside a lon
 With the character tokenizer one character is one token. Positions after the template are
 unknown, so a template without gaps is a prompt.
 
+A prompt (`prompt(text, tokenizer, seq_len)`) is known text at the start, cut to seq_len tokens.
+
 Images: `image_region((H, W, C), "center")`, where the region names what is *unknown*.
 """
 
@@ -38,13 +40,25 @@ def text_template(template: str, tokenizer, seq_len: int, gap: str = "_"
       known += [True] * len(encoded)
   if len(ids) > seq_len:
     raise ValueError(f"the infill template is {len(ids)} tokens long, more than seq_len {seq_len}")
-  known_mask = np.zeros(seq_len, bool)
-  known_mask[:len(known)] = known
+  tokens, known_mask = _padded(ids, known, seq_len)
   if known_mask.all():
     raise ValueError(f"the infill template fills all {seq_len} tokens; mark unknown ones with "
                      f"{gap!r}")
+  return tokens, known_mask
+
+
+def prompt(text: str, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """(known, known_mask) for samples that start with `text` (cut to seq_len tokens)."""
+  ids = np.asarray(tokenizer.encode(text)).tolist()[:seq_len]
+  return _padded(ids, [True] * len(ids), seq_len)
+
+
+def _padded(ids: list[int], known: list[bool], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """ids and their known flags as int32[seq_len], bool[seq_len]; later positions unknown."""
   tokens = np.zeros(seq_len, np.int32)
   tokens[:len(ids)] = ids
+  known_mask = np.zeros(seq_len, bool)
+  known_mask[:len(known)] = known
   return tokens, known_mask
 
 

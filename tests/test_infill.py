@@ -23,6 +23,14 @@ def test_text_template_char():
   assert mask.tolist() == [True, False, True] and known[[0, 2]].tolist() == [23, 24]
 
 
+def test_prompt_is_known_text_at_the_start_cut_to_seq_len():
+  known, mask = infill.prompt("to be", CHAR, 8)
+  assert mask.tolist() == [True] * 5 + [False] * 3 and known.dtype == np.int32
+  assert CHAR.decode(known[:5]) == "to be" and known[5:].tolist() == [0, 0, 0]
+  known, mask = infill.prompt("to be or not", CHAR, 4)
+  assert mask.all() and CHAR.decode(known) == "to b"
+
+
 @needs_gpt2
 def test_text_template_gpt2_gap_is_one_token_and_pieces_are_encoded_alone():
   tok = tokenizers.get_tokenizer("gpt2")
