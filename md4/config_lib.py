@@ -62,6 +62,8 @@ def base() -> ml_collections.ConfigDict:
       num_steps=1000, t_end=10.0, max_count=1, weighting="instantaneous", sampler="tau_leaping",
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",  # adamw | muon (Muon on the blocks' matrices, lr muon_lr; AdamW elsewhere)
+      muon_lr=0.01, muon_beta=0.95,
       lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, grad_clip=1.0,
   ))
@@ -123,6 +125,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.sampling.num_steps > 0, "sampling.num_steps must be positive")
   _require(0.0 <= config.sampling.top_p <= 1.0, "sampling.top_p must be in [0, 1] (0: off)")
   _require(config.sampling.temperature > 0, "sampling.temperature must be positive")
+  o = config.optimizer
+  _require(o.name in ("adamw", "muon"), f"optimizer.name must be adamw or muon, got {o.name!r}")
+  _require(o.lr > 0 and o.muon_lr > 0, "optimizer.lr and optimizer.muon_lr must be positive")
   _require(0.0 < config.diffusion.head_fraction <= 1.0, "diffusion.head_fraction must be in (0, 1]")
   _require(config.blackout.weighting in ("instantaneous", "finite-time"),
            f"blackout.weighting must be instantaneous or finite-time, got "

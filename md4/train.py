@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from md4 import checkpointing, config_lib, evaluate, infill, methods, sharding
+from md4 import checkpointing, config_lib, evaluate, infill, methods, muon, sharding
 from md4.data import images
 from md4.data.pipeline import create_datasets
 from md4.metric_writers import MetricWriter
@@ -29,7 +29,8 @@ class NonFiniteError(RuntimeError):
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
-  """AdamW with linear warm-up, cosine (or constant) decay and global-norm clipping."""
+  """AdamW (or Muon on the blocks' matrices) with linear warm-up, cosine (or constant) decay
+  and global-norm clipping."""
   o = config.optimizer
   if o.schedule == "cosine":
     decay_steps = max(num_steps, o.warmup_steps + 1)
@@ -39,10 +40,25 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
     lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
                                optax.constant_schedule(o.lr)], [o.warmup_steps])
   decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)  # no decay on norms, biases
+  if o.name == "muon":
+    muon_lr = lambda step: lr(step) * (o.muon_lr / o.lr)  # the same warm-up and decay
+    opt = muon.muon(muon_lr, lr, _block_matrices, beta=o.muon_beta, b1=o.b1, b2=o.b2,
+                    weight_decay=o.weight_decay, decay_mask=decay_mask)
+  else:
+    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
+                      mask=decay_mask)
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
-                   optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
-                               mask=decay_mask))
+                   opt)
   return tx, lr
+
+
+def _block_matrices(params: Any) -> Any:
+  """Muon's share: the 2-D kernels inside transformer blocks, except the time modulation."""
+  def is_matrix(path, p):
+    names = [str(getattr(k, "key", "")) for k in path]
+    return (p.ndim == 2 and any(n.startswith("block_") for n in names)
+            and "modulation" not in names)
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:

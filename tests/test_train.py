@@ -134,6 +134,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus):
     ("--config.training.grad_accum=3", "not divisible"),
     ("--config.model_type=ar --config.model.time_conditioning=True",
      "set model.time_conditioning=False"),
+    ("--config.optimizer.name=sgd", "optimizer.name must be adamw or muon"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, corpus, override, message):
   args = [f"--config.data.path={corpus}", *TINY, *override.split()]

@@ -52,3 +52,35 @@ def test_accumulation_averages_micro_batches():
   micro = [float(method.loss(state["params"], half, key)[0])
            for half, key in zip(np.split(tokens, 2), keys, strict=True)]
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(micro), rtol=1e-5)
+
+
+def test_muon_orthogonalises_block_matrices_and_adam_updates_the_rest():
+  c = config_lib.base()
+  c.seq_len = 16
+  c.model.update(width=32, depth=2, num_heads=2, time_conditioning=False)
+  c.optimizer.update(name="muon", lr=1e-3, muon_lr=0.02, warmup_steps=0, schedule="constant",
+                     grad_clip=0.0)
+  params = methods.create(c, c.vocab_size).init(jax.random.key(0))
+  tx, _ = train.make_optimizer(c, 10)
+  rng = np.random.default_rng(0)
+
+  def ill_conditioned(p):  # singular values from 1 to 20 for matrices
+    if p.ndim != 2:
+      return rng.normal(size=p.shape)
+    u, _ = np.linalg.qr(rng.normal(size=(p.shape[0], min(p.shape))))
+    v, _ = np.linalg.qr(rng.normal(size=(p.shape[1], min(p.shape))))
+    return (u * np.geomspace(1, 20, min(p.shape))) @ v.T
+
+  grads = jax.tree.map(ill_conditioned, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  muon_names = set()
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    name = jax.tree_util.keystr(path)
+    if "block_" in name and u.ndim == 2:
+      muon_names.add(path[1].key)
+      s = np.linalg.svd(np.asarray(u), compute_uv=False)
+      assert s.max() / s.min() < 2, (name, s)
+    else:  # (Nesterov) Adam's first step: -lr * (1 + b1 (1 - b1) / (1 - b1^2)) * sign(g)
+      np.testing.assert_allclose(np.abs(u), 1e-3 * (1 + 0.9 * 0.1 / 0.19), rtol=1e-4,
+                                 err_msg=name)
+  assert muon_names == {"qkv", "attn_out", "mlp_gate", "mlp_up", "mlp_out"}

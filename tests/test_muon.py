@@ -1,0 +1,43 @@
+"""Muon: the Newton-Schulz iteration keeps singular vectors and equalises singular values, and
+the momentum and shape scaling are as documented."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from md4 import muon
+
+
+def with_spectrum(shape, singular_values, seed=0):
+  rng = np.random.default_rng(seed)
+  k = min(shape)
+  u, _ = np.linalg.qr(rng.normal(size=(shape[0], k)))
+  v, _ = np.linalg.qr(rng.normal(size=(shape[1], k)))
+  return u, v, (u * singular_values) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
+def test_orthogonalize_keeps_vectors_and_brings_singular_values_near_one(shape):
+  # Condition number 50: the output is U diag(s') V^T with every s' within [0.65, 1.2].
+  u, v, g = with_spectrum(shape, 5 * np.geomspace(0.02, 1, min(shape)))
+  o = np.asarray(muon.orthogonalize(jnp.asarray(g, jnp.float32)))
+  r = u.T @ o @ v
+  s = np.diag(r)
+  np.testing.assert_allclose(r - np.diag(s), 0, atol=1e-5)
+  assert 0.65 < s.min() and s.max() < 1.2, s
+
+
+def test_momentum_and_shape_scale():
+  beta = 0.9
+  tx = muon.scale_by_muon(beta)
+  grads = [np.random.default_rng(i).normal(size=(16, 64)).astype(np.float32) for i in (1, 2)]
+  state = tx.init({"w": jnp.zeros((16, 64))})
+  momentum = np.zeros((16, 64))
+  for g in grads:
+    update, state = tx.update({"w": jnp.asarray(g)}, state)
+    momentum = beta * momentum + (1 - beta) * g
+    nesterov = beta * momentum + (1 - beta) * g
+    orthogonal = np.asarray(muon.orthogonalize(jnp.asarray(nesterov, jnp.float32)))
+    expected = 2.0 * orthogonal  # sqrt(fan_out / fan_in) = sqrt(64 / 16)
+    np.testing.assert_allclose(update["w"], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state.momentum["w"], momentum, rtol=1e-5, atol=1e-7)
