@@ -10,9 +10,10 @@ def get_config():
   c = config_lib.base()
   c.seq_len = 128
   c.model.update(width=128, depth=4, num_heads=4, time_conditioning=False)
-  c.optimizer.update(lr=2e-3, warmup_steps=100, b2=0.99)
-  c.training.update(batch_size=16, num_steps=8000, ema_decay=0.99, log_every=100,
-                    eval_every=2000, checkpoint_every=2000)
+  # Muon on the blocks' matrices (lr 0.01), AdamW at 6e-3 on embeddings, head and norms.
+  c.optimizer.update(name="muon", muon_lr=0.01, lr=6e-3, warmup_steps=100, b2=0.99)
+  c.training.update(batch_size=16, num_steps=7500, ema_decay=0.99, log_every=100,
+                    eval_every=2500, checkpoint_every=2500)
   c.eval.update(batch_size=64, num_batches=8)
-  c.sampling.update(every=8000, num_samples=4, num_steps=128)
+  c.sampling.update(every=7500, num_samples=4, num_steps=128)
   return c
