@@ -84,8 +84,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(QuietLibraries())
-  logging.info("memory allocator: %s", "tcmalloc" if tcmalloc.active() else
-               "C library malloc (CPU steps are faster with tcmalloc, see md4/tcmalloc.py)")
+  logging.info("memory allocator: %s%s", tcmalloc.allocator(), "" if tcmalloc.active() else
+               " (CPU steps are faster with tcmalloc, see md4/tcmalloc.py)")
   if wants_distributed():
     initialize_distributed()
   from md4 import checkpointing, config_lib, inference, train

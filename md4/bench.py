@@ -46,10 +46,6 @@ def matmul_peak_gflops(n: int = 2048, dtype=jnp.float32) -> float:
   return 2 * n**3 / best_time(jax.jit(jnp.matmul), a, b) / 1e9
 
 
-def allocator() -> str:
-  return "tcmalloc" if tcmalloc.active() else "libc malloc"
-
-
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -103,7 +99,7 @@ def cmd_train(args) -> dict:
   config = bench_config(args)
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, args.vocab)
   peak = matmul_peak_gflops(args.peak_n, DTYPES[args.dtype])
-  print(f"devices: {jax.devices()}; allocator: {allocator()}")
+  print(f"devices: {jax.devices()}; allocator: {tcmalloc.allocator()}")
   print(f"measured {args.dtype} matmul peak ({args.peak_n}^3): {peak:.1f} GFLOP/s")
   results = {}
   for name, fraction in (("full_head", 1.0), ("masked_head", args.head_fraction)):
@@ -216,7 +212,7 @@ def main() -> None:
   args = parser.parse_args()
   result = {"train": cmd_train, "sample": cmd_sample, "ggm": cmd_ggm}[args.what](args)
   result = {"benchmark": args.what, "args": vars(args), "backend": jax.default_backend(),
-            "allocator": allocator(), **result}
+            "allocator": tcmalloc.allocator(), **result}
   print(json.dumps(result, default=lambda x: float(np.asarray(x))))
 
 

@@ -5,7 +5,7 @@ freed blocks back to the kernel, so each step page-faults its whole working set 
 270,000 minor faults and a third of the step time at the benchmark shape (`python -m md4.bench
 train`, 6 x 256, batch 16 x 256). tcmalloc keeps freed memory for reuse. An allocator has to be
 in place before the interpreter starts, so `reexec()` restarts the same command with
-LD_PRELOAD set. Debian/Ubuntu: apt-get install libtcmalloc-minimal4 (`make setup` tries).
+LD_PRELOAD set. Debian/Ubuntu: apt-get install libtcmalloc-minimal4 (`make tcmalloc` tries).
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def library() -> str | None:
 def active() -> bool:
   """Whether this process was started with tcmalloc preloaded."""
   return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+
+
+def allocator() -> str:
+  """The allocator this process runs with, for logs and benchmark reports."""
+  return "tcmalloc" if active() else "libc malloc"
 
 
 def reexec() -> None:
