@@ -41,12 +41,14 @@ def base() -> ml_collections.ConfigDict:
   ))
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, dropout=0.0, dtype="float32",
+      matmul_dtype="",  # bfloat16: dense layers' operands only, float32 accumulation ("": dtype)
       time_conditioning=True, remat=False,
   ))
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="linear",
       num_steps=0,         # 0: continuous-time NELBO; T > 0: discrete time with T steps
       head_fraction=1.0,   # < 1: output head only at masked positions (capacity fraction of B*L)
+      train_estimator="time",  # md4's training NELBO: time | count (networks without time input)
   ))
   c.ggm = ml_collections.ConfigDict(dict(
       sweeps=2,              # K: visits of every position; T = K * seq_len steps
@@ -100,6 +102,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.seq_len > 0, f"seq_len must be positive, got {config.seq_len}")
   _require(m.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, "
            f"got {m.dtype!r}")
+  _require(m.matmul_dtype in ("", "float32", "bfloat16"),
+           f"model.matmul_dtype must be '', float32 or bfloat16, got {m.matmul_dtype!r}")
   _require(m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
            f"model.width {m.width} must split into num_heads {m.num_heads} heads of even size")
   _require(not (config.model_type == "ar" and m.time_conditioning),
@@ -129,6 +133,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.name in ("adamw", "muon"), f"optimizer.name must be adamw or muon, got {o.name!r}")
   _require(o.lr > 0 and o.muon_lr > 0, "optimizer.lr and optimizer.muon_lr must be positive")
   _require(0.0 < config.diffusion.head_fraction <= 1.0, "diffusion.head_fraction must be in (0, 1]")
+  d = config.diffusion
+  _require(d.train_estimator in ("time", "count"),
+           f"diffusion.train_estimator must be time or count, got {d.train_estimator!r}")
+  _require(d.train_estimator == "time" or config.model_type != "md4"
+           or (not m.time_conditioning and not d.num_steps),
+           "diffusion.train_estimator=count needs model.time_conditioning=False and "
+           "diffusion.num_steps=0 (it is exact only for networks that ignore t)")
   _require(config.blackout.weighting in ("instantaneous", "finite-time"),
            f"blackout.weighting must be instantaneous or finite-time, got "
            f"{config.blackout.weighting!r}")

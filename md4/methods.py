@@ -36,6 +36,7 @@ def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
   return Transformer(vocab_size=vocab_size, num_embeddings=num_embeddings, width=m.width,
                      depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                      dropout=m.dropout, dtype=DTYPES[m.dtype],
+                     matmul_dtype=DTYPES[m.matmul_dtype] if m.matmul_dtype else None,
                      time_conditioning=m.time_conditioning, causal=causal, remat=m.remat)
 
 
@@ -76,7 +77,8 @@ class MD4:
       capacity = math.ceil(self.config.diffusion.head_fraction * tokens.size)
     return masked.nelbo(network_fn(self.model, params, net_rng, train), tokens, diffusion_rng,
                         self.schedule, vocab_size=self.vocab_size,
-                        num_steps=self.config.diffusion.num_steps, head_capacity=capacity)
+                        num_steps=self.config.diffusion.num_steps, head_capacity=capacity,
+                        estimator=self.config.diffusion.train_estimator if train else "time")
 
   def loss(self, params, tokens, rng, train=True):
     nelbo = self._nelbo(params, tokens, rng, train)

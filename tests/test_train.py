@@ -135,6 +135,9 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus):
     ("--config.model_type=ar --config.model.time_conditioning=True",
      "set model.time_conditioning=False"),
     ("--config.optimizer.name=sgd", "optimizer.name must be adamw or muon"),
+    ("--config.model.matmul_dtype=float16", "model.matmul_dtype must be"),
+    ("--config.diffusion.train_estimator=count --config.model.time_conditioning=True",
+     "needs model.time_conditioning=False"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, corpus, override, message):
   args = [f"--config.data.path={corpus}", *TINY, *override.split()]

@@ -122,10 +122,13 @@ def attention(q: Array, k: Array, v: Array, causal: bool = False,
   return out.transpose(0, 2, 1, 3)
 
 
-def _dense(features: int, name: str, dtype: Any, **kwargs) -> nn.Dense:
-  """A float32-parameter dense layer computing in `dtype`, with the CPU-friendly gradient."""
+def _dense(features: int, name: str, dtype: Any, matmul_dtype: Any = None,
+           **kwargs) -> nn.Dense:
+  """A float32-parameter dense layer computing in `dtype`, with the CPU-friendly gradient and
+  its products' operands in `matmul_dtype` (None: `dtype`)."""
+  dot_general = functools.partial(dense_dot_general, operand_dtype=matmul_dtype)
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  dot_general=dense_dot_general, **kwargs)
+                  dot_general=dot_general, **kwargs)
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -143,13 +146,14 @@ class Block(nn.Module):
   causal: bool
   time_conditioning: bool
   dtype: Any
+  matmul_dtype: Any
 
   @nn.compact
   def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array,
                train: bool) -> Array:
     batch, seq_len, width = x.shape
     head_dim = width // self.num_heads
-    dense = functools.partial(_dense, dtype=self.dtype)
+    dense = functools.partial(_dense, dtype=self.dtype, matmul_dtype=self.matmul_dtype)
 
     if self.time_conditioning:
       mod = dense(6 * width, "modulation", kernel_init=nn.initializers.zeros)(nn.silu(cond))
@@ -187,7 +191,8 @@ class Transformer(nn.Module):
 
   Logits are float32[B, L, vocab_size], or head_index.shape + (vocab_size,) when `head_index`
   (indices into the flattened B * L positions) is given. Parameters are always float32; `dtype`
-  sets the activation and matmul dtype.
+  sets the activation and matmul dtype; `matmul_dtype` (e.g. bfloat16 with float32 `dtype`)
+  only that of the dense layers' operands, which then accumulate in float32.
   """
 
   vocab_size: int
@@ -201,6 +206,7 @@ class Transformer(nn.Module):
   time_conditioning: bool = True
   causal: bool = False
   remat: bool = False
+  matmul_dtype: Any = None
 
   @nn.compact
   def __call__(self, tokens: Array, t: Array | None = None, *, head_index: Array | None = None,
@@ -209,7 +215,7 @@ class Transformer(nn.Module):
     if self.width % self.num_heads or (self.width // self.num_heads) % 2:
       raise ValueError(f"width {self.width} must split into {self.num_heads} even-sized heads")
     mlp_hidden = 32 * math.ceil(2 / 3 * self.mlp_ratio * self.width / 32)
-    dense = functools.partial(_dense, dtype=self.dtype)
+    dense = functools.partial(_dense, dtype=self.dtype, matmul_dtype=self.matmul_dtype)
 
     # The residual stream stays float32; norms cast to `dtype` before each matmul.
     x = nn.Embed(self.num_embeddings, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -227,7 +233,8 @@ class Transformer(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
     for i in range(self.depth):
       x = block_cls(self.width, self.num_heads, mlp_hidden, self.dropout, self.causal,
-                    self.time_conditioning, self.dtype, name=f"block_{i}")(x, cond, cos, sin, train)
+                    self.time_conditioning, self.dtype, self.matmul_dtype,
+                    name=f"block_{i}")(x, cond, cos, sin, train)
 
     # Final norm and head, only at the requested flattened positions when head_index is given.
     if head_index is not None:
