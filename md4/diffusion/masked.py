@@ -91,30 +91,30 @@ def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, voca
       it leaves out the eps-clamp's reconstruction term (a tighter bound by N eps log V).
       t = k / L is passed to the network. Continuous time only.
   """
+  if estimator not in ("time", "count"):
+    raise ValueError(f"unknown NELBO estimator {estimator!r}; known: time, count")
+  if estimator == "count" and num_steps:
+    raise ValueError("the count estimator is for the continuous-time NELBO (num_steps=0)")
   time_rng, mask_rng = jax.random.split(rng)
   batch_size, seq_len = x.shape
   t = antithetic_times(time_rng, batch_size)
   if estimator == "count":
-    if num_steps:
-      raise ValueError("the count estimator is for the continuous-time NELBO (num_steps=0)")
     counts = jnp.minimum(jnp.floor(t * seq_len).astype(jnp.int32) + 1, seq_len)  # 1..L
     z = mask_exactly(mask_rng, x, counts, vocab_size)
     t = counts.astype(jnp.float32) / seq_len
-    log_likelihood = _masked_log_likelihood(logits_fn, z, t, x, vocab_size, head_capacity)
-    return -seq_len / counts.astype(jnp.float32) * log_likelihood
-  if estimator != "time":
-    raise ValueError(f"unknown NELBO estimator {estimator!r}; known: time, count")
-  if num_steps:
-    t = jnp.maximum(jnp.ceil(t * num_steps), 1.0) / num_steps  # snap up to {1/T, ..., 1}
-    alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(t - 1.0 / num_steps)
-    weight = -num_steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
+    weight, reconstruction = -seq_len / counts.astype(jnp.float32), 0.0
   else:
-    alpha_t = schedule.alpha(t)
-    weight = schedule.weight(t)
-  z = mask_tokens(mask_rng, x, alpha_t, vocab_size)
+    if num_steps:
+      t = jnp.maximum(jnp.ceil(t * num_steps), 1.0) / num_steps  # snap up to {1/T, ..., 1}
+      alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(t - 1.0 / num_steps)
+      weight = -num_steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
+    else:
+      alpha_t = schedule.alpha(t)
+      weight = schedule.weight(t)
+    z = mask_tokens(mask_rng, x, alpha_t, vocab_size)
+    # Tokens still masked at t = 0 are bounded by the uniform code length log V.
+    reconstruction = seq_len * (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(vocab_size)
   log_likelihood = _masked_log_likelihood(logits_fn, z, t, x, vocab_size, head_capacity)
-  # Tokens still masked at t = 0 are bounded by the uniform code length log V.
-  reconstruction = seq_len * (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(vocab_size)
   return weight * log_likelihood + reconstruction
 
 
