@@ -42,6 +42,8 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, dropout=0.0, dtype="float32",
       matmul_dtype="",  # bfloat16: dense layers' operands only, float32 accumulation ("": dtype)
+      mlp="swiglu",  # swiglu | relu2 (squared ReLU, hidden mlp_ratio * width)
+      norm="layernorm",  # layernorm | rmsnorm
       time_conditioning=True, remat=False,
   ))
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -66,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw",  # adamw | muon (Muon on the blocks' matrices, lr muon_lr; AdamW elsewhere)
       muon_lr=0.01, muon_beta=0.95,
+      muon_matmul_dtype="",  # bfloat16: Newton-Schulz products' operands ("": float32)
       lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, grad_clip=1.0,
   ))
@@ -104,6 +107,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"got {m.dtype!r}")
   _require(m.matmul_dtype in ("", "float32", "bfloat16"),
            f"model.matmul_dtype must be '', float32 or bfloat16, got {m.matmul_dtype!r}")
+  _require(m.mlp in ("swiglu", "relu2"), f"model.mlp must be swiglu or relu2, got {m.mlp!r}")
+  _require(m.norm in ("layernorm", "rmsnorm"),
+           f"model.norm must be layernorm or rmsnorm, got {m.norm!r}")
   _require(m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
            f"model.width {m.width} must split into num_heads {m.num_heads} heads of even size")
   _require(not (config.model_type == "ar" and m.time_conditioning),
@@ -132,6 +138,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   o = config.optimizer
   _require(o.name in ("adamw", "muon"), f"optimizer.name must be adamw or muon, got {o.name!r}")
   _require(o.lr > 0 and o.muon_lr > 0, "optimizer.lr and optimizer.muon_lr must be positive")
+  _require(o.muon_matmul_dtype in ("", "float32", "bfloat16"),
+           f"optimizer.muon_matmul_dtype must be '', float32 or bfloat16, "
+           f"got {o.muon_matmul_dtype!r}")
   _require(0.0 < config.diffusion.head_fraction <= 1.0, "diffusion.head_fraction must be in (0, 1]")
   d = config.diffusion
   _require(d.train_estimator in ("time", "count"),

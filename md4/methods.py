@@ -37,7 +37,8 @@ def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
                      depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                      dropout=m.dropout, dtype=DTYPES[m.dtype],
                      matmul_dtype=DTYPES[m.matmul_dtype] if m.matmul_dtype else None,
-                     time_conditioning=m.time_conditioning, causal=causal, remat=m.remat)
+                     time_conditioning=m.time_conditioning, causal=causal, remat=m.remat,
+                     mlp=m.mlp, norm=m.norm)
 
 
 def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool) -> Callable:

@@ -4,7 +4,8 @@ Each matrix update is the Nesterov momentum of its gradient with the singular va
 towards 1 (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks"), so
 every direction of the matrix moves at the same rate; the other parameters (embeddings, output
 head, norms, biases) use AdamW. Written for XLA:CPU as much as for accelerators: the iteration
-is plain 2-D matmuls, one matrix at a time.
+is plain 2-D matmuls, one matrix at a time (stacked into batched matmuls, the demo's matrices
+took 1.2x longer there), optionally with bfloat16 operands.
 """
 
 from __future__ import annotations
@@ -22,15 +23,24 @@ import optax
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: jax.Array, steps: int = 5) -> jax.Array:
-  """Approximately U V^T for g = U S V^T: float[m, n] -> float[m, n]."""
+def orthogonalize(g: jax.Array, steps: int = 5, operand_dtype: Any = None) -> jax.Array:
+  """Approximately U V^T for g = U S V^T: float[m, n] -> float[m, n].
+
+  `operand_dtype` (e.g. bfloat16) rounds the products' operands, accumulating in float32.
+  """
+  def mm(u, v):
+    if operand_dtype is None:
+      return u @ v
+    return jnp.matmul(u.astype(operand_dtype), v.astype(operand_dtype),
+                      preferred_element_type=jnp.float32)
+
   tall = g.shape[0] > g.shape[1]
   x = g.T if tall else g  # iterate on the side with the smaller Gram matrix
   x = x / (jnp.linalg.norm(x) + 1e-7)  # singular values <= 1
   a, b, c = NEWTON_SCHULZ
   for _ in range(steps):
-    gram = x @ x.T
-    x = a * x + (b * gram + c * gram @ gram) @ x
+    gram = mm(x, x.T)
+    x = a * x + mm(b * gram + c * mm(gram, gram), x)
   return x.T if tall else x
 
 
@@ -38,8 +48,10 @@ class MuonState(NamedTuple):
   momentum: Any
 
 
-def scale_by_muon(beta: float = 0.95, steps: int = 5) -> optax.GradientTransformation:
-  """Nesterov momentum, orthogonalised, scaled by sqrt(max(1, fan_out / fan_in))."""
+def scale_by_muon(beta: float = 0.95, steps: int = 5,
+                  operand_dtype: Any = None) -> optax.GradientTransformation:
+  """Nesterov momentum, orthogonalised (products' operands in `operand_dtype`), scaled by
+  sqrt(max(1, fan_out / fan_in))."""
 
   def init(params):
     return MuonState(jax.tree.map(jnp.zeros_like, params))
@@ -49,7 +61,7 @@ def scale_by_muon(beta: float = 0.95, steps: int = 5) -> optax.GradientTransform
     momentum = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, state.momentum, updates)
 
     def direction(m, g):
-      o = orthogonalize(beta * m + (1 - beta) * g, steps)
+      o = orthogonalize(beta * m + (1 - beta) * g, steps, operand_dtype)
       return o * max(1.0, g.shape[1] / g.shape[0]) ** 0.5
 
     return jax.tree.map(direction, momentum, updates), MuonState(momentum)
@@ -60,12 +72,14 @@ def scale_by_muon(beta: float = 0.95, steps: int = 5) -> optax.GradientTransform
 def muon(learning_rate: optax.ScalarOrSchedule, adam_learning_rate: optax.ScalarOrSchedule,
          is_matrix: Callable[[Any], Any], *, beta: float = 0.95, b1: float = 0.9,
          b2: float = 0.999, weight_decay: float = 0.0,
-         decay_mask: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+         decay_mask: Callable[[Any], Any] | None = None,
+         operand_dtype: Any = None) -> optax.GradientTransformation:
   """Muon for the leaves `is_matrix(params)` marks True (2-D [fan_in, fan_out]), Nesterov AdamW
-  for the rest; decoupled weight decay where `decay_mask(params)` is True (default: all)."""
+  for the rest; decoupled weight decay where `decay_mask(params)` is True (default: all);
+  Newton-Schulz products with operands in `operand_dtype` (None: float32)."""
   labels = lambda params: jax.tree.map(lambda m: "muon" if m else "adam", is_matrix(params))
   return optax.partition({
-      "muon": optax.chain(scale_by_muon(beta),
+      "muon": optax.chain(scale_by_muon(beta, operand_dtype=operand_dtype),
                           optax.add_decayed_weights(weight_decay, decay_mask),
                           optax.scale_by_learning_rate(learning_rate)),
       "adam": optax.adamw(adam_learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,

@@ -22,6 +22,7 @@ from md4 import checkpointing, config_lib, evaluate, infill, methods, muon, shar
 from md4.data import images
 from md4.data.pipeline import create_datasets
 from md4.metric_writers import MetricWriter
+from md4.networks import DTYPES
 
 
 class NonFiniteError(RuntimeError):
@@ -43,7 +44,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
   if o.name == "muon":
     muon_lr = lambda step: lr(step) * (o.muon_lr / o.lr)  # the same warm-up and decay
     opt = muon.muon(muon_lr, lr, _block_matrices, beta=o.muon_beta, b1=o.b1, b2=o.b2,
-                    weight_decay=o.weight_decay, decay_mask=decay_mask)
+                    weight_decay=o.weight_decay, decay_mask=decay_mask,
+                    operand_dtype=DTYPES[o.muon_matmul_dtype] if o.muon_matmul_dtype else None)
   else:
     opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
                       mask=decay_mask)

@@ -36,3 +36,16 @@ def test_fields_missing_from_an_older_run_get_defaults(tmp_path):
   loaded = config_lib.load(str(tmp_path))
   assert loaded.seq_len == 64 and loaded.sampling.num_steps == 7
   assert loaded.sampling.grid == config_lib.base().sampling.grid
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.mlp", "gelu", "model.mlp must be swiglu or relu2"),
+    ("model.norm", "batchnorm", "model.norm must be layernorm or rmsnorm"),
+    ("optimizer.muon_matmul_dtype", "float16", "optimizer.muon_matmul_dtype must be"),
+])
+def test_architecture_and_optimizer_choices_are_validated(field, value, message):
+  config = config_lib.base()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)

@@ -77,6 +77,47 @@ def test_count_params_and_mlp_width():
   block = (d * 6 * d + 6 * d) + 3 * d * d + (d * d + d) + d * 2 * h + (h * d + d)
   expected = n * d + time_mlp + 2 * block + (d * 2 * d + 2 * d) + (d * V + V)
   assert count_params(params) == expected
+  # Time-conditioned norms have no parameters of their own, whichever the kind.
+  assert count_params(param_shapes(norm="rmsnorm")) == expected
+  relu2 = param_shapes(mlp="relu2")  # hidden = 4 * 32, one input projection
+  assert "mlp_gate" not in relu2["block_0"]
+  assert relu2["block_0"]["mlp_up"]["kernel"].shape == (d, 4 * d)
+  assert count_params(relu2) == expected + 2 * (2 * d * 4 * d - (d * 2 * h + h * d))
+
+
+@pytest.mark.parametrize("mlp, norm", [("swiglu", "layernorm"), ("swiglu", "rmsnorm"),
+                                       ("relu2", "layernorm"), ("relu2", "rmsnorm")])
+def test_mlp_and_norm_variants_compute_their_formulas(mlp, norm):
+  # One block without time input and with a zero QKV kernel, so attention contributes only
+  # attn_out's bias; the rest is recomputed in numpy from the (perturbed) parameters.
+  model, apply = apply_fn(depth=1, time_conditioning=False, mlp=mlp, norm=norm)
+  params = init(model)
+  params = {**params, "block_0": {**params["block_0"], "qkv": {
+      "kernel": jnp.zeros_like(params["block_0"]["qkv"]["kernel"])}}}
+  p = jax.tree.map(np.asarray, params)
+  b = p["block_0"]
+
+  def normalise(x, q):
+    if norm == "rmsnorm":
+      assert set(q) == {"scale"}
+      return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * q["scale"]
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    return x * q["scale"] + q["bias"]
+
+  x = p["embed"]["embedding"][np.asarray(TOKENS)] + b["attn_out"]["bias"]
+  h = normalise(x, b["norm2"])
+  up = h @ b["mlp_up"]["kernel"]
+  if mlp == "relu2":
+    assert "mlp_gate" not in b and up.shape[-1] == 4 * 32
+    h = np.maximum(up, 0) ** 2
+  else:
+    gate = h @ b["mlp_gate"]["kernel"]
+    h = gate / (1 + np.exp(-gate)) * up
+  x = x + h @ b["mlp_out"]["kernel"] + b["mlp_out"]["bias"]
+  expected = normalise(x, p["final_norm"]) @ p["head"]["kernel"] + p["head"]["bias"]
+  out = apply(params, TOKENS, None)
+  assert np.abs(expected).max() > 0.1
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_modulation_makes_blocks_identity_and_time_irrelevant(base):

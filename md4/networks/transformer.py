@@ -1,9 +1,10 @@
 """A time-conditioned transformer over token sequences.
 
-Pre-norm blocks with rotary position embeddings, a fused QKV projection, a gated (SwiGLU) MLP and
-adaLN-Zero time conditioning (DiT style): a sinusoidal embedding of t goes through an MLP to a
-vector c, and every block's norms are shifted and scaled, and its residual branches gated, by a
-zero-initialised projection of c, so that each block starts as the identity. Attention is
+Pre-norm blocks with rotary position embeddings, a fused QKV projection, a gated (SwiGLU) or
+squared-ReLU MLP, LayerNorm or RMSNorm, and adaLN-Zero time conditioning (DiT style): a
+sinusoidal embedding of t goes through an MLP to a vector c, and every block's norms are shifted
+and scaled, and its residual branches gated, by a zero-initialised projection of c, so that each
+block starts as the identity. Attention is
 bidirectional unless `causal`; on CPU it is an einsum softmax with a hand-written gradient (faster
 there than jax.nn.dot_product_attention, which is used on GPU/TPU). The output head can be
 evaluated at a few flattened positions only (`head_index`), which matters when the vocabulary is
@@ -131,6 +132,22 @@ def _dense(features: int, name: str, dtype: Any, matmul_dtype: Any = None,
                   dot_general=dot_general, **kwargs)
 
 
+def _norm(kind: str, name: str, dtype: Any, affine: bool) -> nn.Module:
+  """LayerNorm or RMSNorm (float32 parameters); without scale and bias when not `affine`."""
+  if kind == "rmsnorm":
+    return nn.RMSNorm(use_scale=affine, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.LayerNorm(use_scale=affine, use_bias=affine, dtype=dtype, param_dtype=jnp.float32,
+                      name=name)
+
+
+def _mlp_hidden(mlp: str, width: int, mlp_ratio: float) -> int:
+  """Hidden width: ratio * width for squared ReLU; 2/3 of that, rounded up to a multiple of 32,
+  for SwiGLU's two projections (about the same parameter count)."""
+  if mlp == "relu2":
+    return int(mlp_ratio * width)
+  return 32 * math.ceil(2 / 3 * mlp_ratio * width / 32)
+
+
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
   """x[B, L, D] * (1 + scale[B, D]) + shift[B, D]."""
   return x * (1 + scale[:, None]) + shift[:, None]
@@ -147,6 +164,8 @@ class Block(nn.Module):
   time_conditioning: bool
   dtype: Any
   matmul_dtype: Any
+  mlp: str
+  norm: str
 
   @nn.compact
   def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array,
@@ -154,15 +173,15 @@ class Block(nn.Module):
     batch, seq_len, width = x.shape
     head_dim = width // self.num_heads
     dense = functools.partial(_dense, dtype=self.dtype, matmul_dtype=self.matmul_dtype)
+    # With time conditioning the modulation supplies the norms' scale and shift.
+    norm = functools.partial(_norm, self.norm, dtype=self.dtype,
+                             affine=not self.time_conditioning)
 
     if self.time_conditioning:
       mod = dense(6 * width, "modulation", kernel_init=nn.initializers.zeros)(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)  # [B, D] each
-      norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype,
-                                       param_dtype=jnp.float32, name=name)
       h = _modulate(norm("norm1")(x), shift1, scale1)
     else:
-      norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=name)
       h = norm("norm1")(x)
 
     # Attention.
@@ -175,13 +194,16 @@ class Block(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     x = x + (gate1[:, None] * h if self.time_conditioning else h)
 
-    # Gated MLP.
+    # MLP: SwiGLU silu(h W_gate) * (h W_up), or squared ReLU relu(h W_up)^2.
     h = norm("norm2")(x)
     if self.time_conditioning:
       h = _modulate(h, shift2, scale2)
-    gate = dense(self.mlp_hidden, "mlp_gate", use_bias=False)(h)
     up = dense(self.mlp_hidden, "mlp_up", use_bias=False)(h)
-    h = dense(width, "mlp_out")(nn.silu(gate) * up)
+    if self.mlp == "relu2":
+      h = jnp.square(nn.relu(up))
+    else:
+      h = nn.silu(dense(self.mlp_hidden, "mlp_gate", use_bias=False)(h)) * up
+    h = dense(width, "mlp_out")(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return x + (gate2[:, None] * h if self.time_conditioning else h)
 
@@ -207,6 +229,8 @@ class Transformer(nn.Module):
   causal: bool = False
   remat: bool = False
   matmul_dtype: Any = None
+  mlp: str = "swiglu"  # swiglu | relu2
+  norm: str = "layernorm"  # layernorm | rmsnorm
 
   @nn.compact
   def __call__(self, tokens: Array, t: Array | None = None, *, head_index: Array | None = None,
@@ -214,7 +238,7 @@ class Transformer(nn.Module):
     batch, seq_len = tokens.shape
     if self.width % self.num_heads or (self.width // self.num_heads) % 2:
       raise ValueError(f"width {self.width} must split into {self.num_heads} even-sized heads")
-    mlp_hidden = 32 * math.ceil(2 / 3 * self.mlp_ratio * self.width / 32)
+    mlp_hidden = _mlp_hidden(self.mlp, self.width, self.mlp_ratio)
     dense = functools.partial(_dense, dtype=self.dtype, matmul_dtype=self.matmul_dtype)
 
     # The residual stream stays float32; norms cast to `dtype` before each matmul.
@@ -233,7 +257,7 @@ class Transformer(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
     for i in range(self.depth):
       x = block_cls(self.width, self.num_heads, mlp_hidden, self.dropout, self.causal,
-                    self.time_conditioning, self.dtype, self.matmul_dtype,
+                    self.time_conditioning, self.dtype, self.matmul_dtype, self.mlp, self.norm,
                     name=f"block_{i}")(x, cond, cos, sin, train)
 
     # Final norm and head, only at the requested flattened positions when head_index is given.
@@ -249,10 +273,9 @@ class Transformer(nn.Module):
       else:
         example = head_index // seq_len
         shift, scale = shift[example], scale[example]
-      x = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype,
-                       param_dtype=jnp.float32, name="final_norm")(x)
+      x = _norm(self.norm, "final_norm", self.dtype, affine=False)(x)
       x = x * (1 + scale) + shift
     else:
-      x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="final_norm")(x)
+      x = _norm(self.norm, "final_norm", self.dtype, affine=True)(x)
     logits = dense(self.vocab_size, "head", kernel_init=nn.initializers.zeros)(x)
     return logits.astype(jnp.float32)
