@@ -24,6 +24,10 @@ from md4.data.pipeline import create_datasets
 from md4.metric_writers import MetricWriter
 from md4.networks import DTYPES
 
+# Steps dispatched ahead of the host at most. Unbounded, XLA:CPU's in-process collectives
+# deadlock: with 2 simulated devices, a few hundred queued steps starve its all-reduce rendezvous.
+MAX_STEPS_IN_FLIGHT = 2
+
 
 class NonFiniteError(RuntimeError):
   """The loss or gradient became NaN/inf; the run stops before writing a checkpoint."""
@@ -235,6 +239,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch = sharding.global_batch(run.mesh, next(run.data.train))
     state, metrics = run.train_step(state, batch)
     pending.append(metrics)
+    if len(pending) > MAX_STEPS_IN_FLIGHT:
+      jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
 
     if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.num_steps:
       # Fetching the metrics is the only host sync; it also guards every checkpoint.

@@ -20,9 +20,11 @@ TINY = [
 ]
 
 
-def main_py(workdir, *args, timeout=300):
+def main_py(workdir, *args, timeout=300, xla_flags=None):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("MD4_DEBUG", None)
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
   return subprocess.run([sys.executable, "main.py", "--config=configs/demo.py",
                          f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout, env=env)
@@ -108,6 +110,22 @@ def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
   assert flat_a.keys() == flat_b.keys()
   for k in flat_a:
     np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=str(k))
+
+
+def test_many_steps_between_host_syncs_on_two_cpu_devices(tmp_path, corpus):
+  # 300 steps dispatched without a host sync used to starve XLA:CPU's in-process all-reduce
+  # (the run aborted after its 40 s rendezvous timeout); the loop now keeps 2 steps in flight.
+  workdir = str(tmp_path / "run")
+  result = main_py(workdir, f"--config.data.path={corpus}", *TINY,
+                   "--config.training.num_steps=300", "--config.training.log_every=300",
+                   "--config.training.eval_every=1000", "--config.training.checkpoint_every=1000",
+                   "--config.sampling.every=0", "--config.training.batch_size=16",
+                   xla_flags="--xla_force_host_platform_device_count=2", timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "rendezvous" not in result.stderr
+  [train] = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+             if r["split"] == "train"]
+  assert train["step"] == 300 and train["bits_per_token"] < 4.5
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus):
