@@ -10,12 +10,15 @@ took 1.2x longer there), optionally with bfloat16 operands.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from md4.networks.matmul import matmul
 
 # Quintic iteration x <- a x + b (x x^T) x + c (x x^T)^2 x; coefficients chosen for a steep
 # slope at zero, so five steps bring singular values down to 1/50 of the largest into about
@@ -28,12 +31,7 @@ def orthogonalize(g: jax.Array, steps: int = 5, operand_dtype: Any = None) -> ja
 
   `operand_dtype` (e.g. bfloat16) rounds the products' operands, accumulating in float32.
   """
-  def mm(u, v):
-    if operand_dtype is None:
-      return u @ v
-    return jnp.matmul(u.astype(operand_dtype), v.astype(operand_dtype),
-                      preferred_element_type=jnp.float32)
-
+  mm = functools.partial(matmul, operand_dtype=operand_dtype)
   tall = g.shape[0] > g.shape[1]
   x = g.T if tall else g  # iterate on the side with the smaller Gram matrix
   x = x / (jnp.linalg.norm(x) + 1e-7)  # singular values <= 1
