@@ -30,6 +30,7 @@ data: data/shakespeare/.done data/gpt2.tiktoken data/mnist/.done
 
 data/shakespeare/.done: | setup
 	$(PY) -m md4.data.prepare shakespeare --out data
+	touch $@
 
 data/kjv/kjv.txt: | setup
 	$(PY) -m md4.data.prepare kjv --out data

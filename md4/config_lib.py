@@ -67,9 +67,10 @@ def base() -> ml_collections.ConfigDict:
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw",  # adamw | muon (Muon on the blocks' matrices, lr muon_lr; AdamW elsewhere)
-      muon_lr=0.01, muon_beta=0.95,
+      muon_lr=0.01, muon_beta=0.95, muon_ns_steps=5,  # Newton-Schulz iterations per step
       muon_matmul_dtype="",  # bfloat16: Newton-Schulz products' operands ("": float32)
-      lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
+      lr=1e-3, warmup_steps=100, schedule="cosine",  # cosine | linear | constant after warm-up
+      min_lr_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, grad_clip=1.0,
   ))
   c.training = ml_collections.ConfigDict(dict(
@@ -138,6 +139,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   o = config.optimizer
   _require(o.name in ("adamw", "muon"), f"optimizer.name must be adamw or muon, got {o.name!r}")
   _require(o.lr > 0 and o.muon_lr > 0, "optimizer.lr and optimizer.muon_lr must be positive")
+  _require(o.schedule in ("cosine", "linear", "constant"),
+           f"optimizer.schedule must be cosine, linear or constant, got {o.schedule!r}")
+  _require(o.muon_ns_steps >= 1, f"optimizer.muon_ns_steps must be at least 1, "
+           f"got {o.muon_ns_steps}")
   _require(o.muon_matmul_dtype in ("", "float32", "bfloat16"),
            f"optimizer.muon_matmul_dtype must be '', float32 or bfloat16, "
            f"got {o.muon_matmul_dtype!r}")

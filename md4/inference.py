@@ -14,7 +14,7 @@ import numpy as np
 from md4 import infill
 from md4.data import images
 from md4.metric_writers import MetricWriter
-from md4.train import Run, load_for_inference, load_reference
+from md4.train import Run, check_reference_tokenizer, load_for_inference, load_reference
 
 
 def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -80,6 +80,7 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
     region_mask = infill.image_region(tuple(config.image_shape), infill_region)
   reference = load_reference(config)
   run, state, step = load_for_inference(config, workdir)
+  check_reference_tokenizer(config, getattr(run.data, "tokenizer", None))
   known = known_mask = None
   if kind == "prompt":
     known, known_mask = infill.prompt(prompt, run.data.tokenizer, config.seq_len)

@@ -71,13 +71,14 @@ def muon(learning_rate: optax.ScalarOrSchedule, adam_learning_rate: optax.Scalar
          is_matrix: Callable[[Any], Any], *, beta: float = 0.95, b1: float = 0.9,
          b2: float = 0.999, weight_decay: float = 0.0,
          decay_mask: Callable[[Any], Any] | None = None,
-         operand_dtype: Any = None) -> optax.GradientTransformation:
+         ns_steps: int = 5, operand_dtype: Any = None) -> optax.GradientTransformation:
   """Muon for the leaves `is_matrix(params)` marks True (2-D [fan_in, fan_out]), Nesterov AdamW
   for the rest; decoupled weight decay where `decay_mask(params)` is True (default: all);
-  Newton-Schulz products with operands in `operand_dtype` (None: float32)."""
+  `ns_steps` Newton-Schulz iterations, their products with operands in `operand_dtype`
+  (None: float32)."""
   labels = lambda params: jax.tree.map(lambda m: "muon" if m else "adam", is_matrix(params))
   return optax.partition({
-      "muon": optax.chain(scale_by_muon(beta, operand_dtype=operand_dtype),
+      "muon": optax.chain(scale_by_muon(beta, ns_steps, operand_dtype),
                           optax.add_decayed_weights(weight_decay, decay_mask),
                           optax.scale_by_learning_rate(learning_rate)),
       "adam": optax.adamw(adam_learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,

@@ -58,7 +58,9 @@ def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[st
                        f"available: {', '.join(sorted(present))}")
     return list(metrics)
   chosen = [m for m in DEFAULT_METRICS if m in present]
-  if "bits_per_token" not in present and "loss" in present:
+  if "bits_per_char" in present:  # text: per character rather than per token
+    chosen = ["bits_per_char"] + [m for m in chosen if m != "bits_per_token"]
+  elif "bits_per_token" not in present and "loss" in present:
     chosen.insert(0, "loss")
   return chosen
 
@@ -67,7 +69,8 @@ def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | 
                  labels: Sequence[str] | None = None) -> Figure:
   """Writes a PNG of the curves of `workdirs` (one panel per metric) to `out`; returns the figure.
 
-  Default metrics: bits_per_token (else loss), lr, grad_norm, tokens_per_s, as available.
+  Default metrics: bits_per_char (text), else bits_per_token, else loss; lr, grad_norm,
+  tokens_per_s; as available.
   """
   if not workdirs:
     raise ValueError("no workdir given")

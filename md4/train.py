@@ -21,6 +21,7 @@ import optax
 from md4 import checkpointing, config_lib, evaluate, infill, methods, muon, sharding
 from md4.data import images
 from md4.data.pipeline import create_datasets
+from md4.data.tokenizers import BPETokenizer
 from md4.metric_writers import MetricWriter
 from md4.networks import DTYPES
 
@@ -29,26 +30,31 @@ from md4.networks import DTYPES
 MAX_STEPS_IN_FLIGHT = 2
 
 
+TOKENIZER_FILE = "tokenizer.json"  # a run's learned tokenizer (data.tokenizer=bpe), in its workdir
+
+
 class NonFiniteError(RuntimeError):
   """The loss or gradient became NaN/inf; the run stops before writing a checkpoint."""
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
-  """AdamW (or Muon on the blocks' matrices) with linear warm-up, cosine (or constant) decay
-  and global-norm clipping."""
+  """AdamW (or Muon on the blocks' matrices) with linear warm-up, then cosine, linear or no
+  decay (to min_lr_ratio * lr), and global-norm clipping."""
   o = config.optimizer
+  decay_steps = max(num_steps, o.warmup_steps + 1)
   if o.schedule == "cosine":
-    decay_steps = max(num_steps, o.warmup_steps + 1)
     lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, decay_steps,
                                             end_value=o.lr * o.min_lr_ratio)
   else:
+    end = o.lr * o.min_lr_ratio if o.schedule == "linear" else o.lr
     lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
-                               optax.constant_schedule(o.lr)], [o.warmup_steps])
+                               optax.linear_schedule(o.lr, end, decay_steps - o.warmup_steps)],
+                              [o.warmup_steps])
   decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)  # no decay on norms, biases
   if o.name == "muon":
     muon_lr = lambda step: lr(step) * (o.muon_lr / o.lr)  # the same warm-up and decay
     opt = muon.muon(muon_lr, lr, _block_matrices, beta=o.muon_beta, b1=o.b1, b2=o.b2,
-                    weight_decay=o.weight_decay, decay_mask=decay_mask,
+                    weight_decay=o.weight_decay, decay_mask=decay_mask, ns_steps=o.muon_ns_steps,
                     operand_dtype=DTYPES[o.muon_matmul_dtype] if o.muon_matmul_dtype else None)
   else:
     opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
@@ -148,7 +154,11 @@ class Run:
     if with_data and self.is_image:
       self.data = images.create_image_datasets(config.data, **common)
     elif with_data:
-      self.data = create_datasets(config.data, seq_len=config.seq_len, **common)
+      # A learned (bpe) tokenizer is kept with the run, so that eval and sample modes (and
+      # zero-shot evaluation on other data) encode text as training did.
+      self.data = create_datasets(config.data, seq_len=config.seq_len, **common,
+                                  vocab_size=config.vocab_size,
+                                  tokenizer_file=os.path.join(workdir, TOKENIZER_FILE))
     vocab_size = config_lib.check_data(config, self.data) if with_data else config.vocab_size
     self.method = methods.create(config, vocab_size)
     self.tx, self.lr = make_optimizer(config, config.training.num_steps)
@@ -171,9 +181,15 @@ class Run:
                                 config=config, rng=self.train_rng, data_key=self.data_key)
     self.train_step = jax.jit(step_fn, donate_argnums=0,
                               out_shardings=(self.state_sharding, None))
-    # Per-example eval outputs come back replicated so that every process can read them.
-    self.eval_step = jax.jit(lambda params, batch, rng: self.method.evaluate(
-        params, batch[self.data_key], rng), out_shardings=sharding.replicated(self.mesh))
+    # Per-example eval outputs come back replicated so that every process can read them; text
+    # examples also report their length in characters (for bits per character).
+    lengths = getattr(getattr(self.data, "tokenizer", None), "token_lengths", None)
+    def eval_step(params, batch, rng):
+      out = self.method.evaluate(params, batch[self.data_key], rng)
+      if lengths is not None:
+        out[evaluate.CHARS] = jnp.asarray(lengths)[batch[self.data_key]].sum(-1)
+      return out
+    self.eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
     self.sample_step = jax.jit(self.method.sample, static_argnums=2)
 
   def restore_or_init(self) -> tuple[dict, int]:
@@ -225,7 +241,8 @@ class Run:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
   run = Run(config, workdir)
-  reference = load_reference(config) if config.sampling.every else None
+  tokenizer = getattr(run.data, "tokenizer", None)
+  reference = load_reference(config, tokenizer) if config.sampling.every else None
   t = config.training
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   config_lib.save(config, workdir)
@@ -233,6 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("parameters: %s", f"{evaluate.count_params(state['params']):,}")
   batch_shape = next(iter(run.data.eval_batches()))[run.data_key].shape[1:]
   tokens_per_step = t.batch_size * int(np.prod(batch_shape))  # tokens, or pixel channels
+  chars_per_token = run.data.info.get("train_chars_per_token")
   pending, tick = [], time.perf_counter()
 
   for step in range(start + 1, t.num_steps + 1):
@@ -256,6 +274,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logged["tokens_per_s"] = tokens_per_step * len(window) / elapsed
       if run.method.likelihood_metrics:
         logged.update(evaluate.likelihood_report(logged["loss"]))
+        if chars_per_token:  # the training split's mean, not this window's own count
+          logged["bits_per_char"] = logged["bits_per_token"] / chars_per_token
       writer.write(step, "train", logged)
 
     if step % t.eval_every == 0 or step == t.num_steps:
@@ -291,17 +311,31 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
   return run, state, step
 
 
-def load_reference(config: ml_collections.ConfigDict) -> Callable | None:
+def check_reference_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
+  """A learned (bpe) `tokenizer` must be the one the reference AR run was trained with."""
+  workdir = config.eval.reference_workdir
+  if not workdir or getattr(tokenizer, "merges", None) is None:
+    return
+  saved = config_lib.load(workdir).data.get("tokenizer_path")
+  path = saved or os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.isfile(path) or BPETokenizer.load(path).merges != tokenizer.merges:
+    raise config_lib.ConfigError(f"eval.reference_workdir {workdir}: its BPE tokenizer ({path}) "
+                                 "is not this run's")
+
+
+def load_reference(config: ml_collections.ConfigDict, tokenizer: Any = None) -> Callable | None:
   """nll_fn(tokens int[B, L]) -> nats float[B] of the AR run in config.eval.reference_workdir.
 
   The reference is built from its own saved config.json and scored with its EMA weights; None
-  when no reference is configured. Vocabulary and seq_len are checked before anything is loaded.
+  when no reference is configured. Vocabulary and seq_len (and a learned tokenizer's merges
+  against `tokenizer`'s) are checked before anything is loaded.
   """
   workdir = config.eval.reference_workdir
   if not workdir:
     return None
   reference = config_lib.load(workdir)
   config_lib.check_reference(config, reference)
+  check_reference_tokenizer(config, tokenizer)
   run, state, step = load_for_inference(reference, workdir, with_data=False)
   logging.info("reference model for generative perplexity: %s (step %d)", workdir, step)
   nll, params = jax.jit(run.method.nll), state["ema"]

@@ -42,6 +42,8 @@ def test_fields_missing_from_an_older_run_get_defaults(tmp_path):
     ("model.mlp", "gelu", "model.mlp must be swiglu or relu2"),
     ("model.norm", "batchnorm", "model.norm must be layernorm or rmsnorm"),
     ("optimizer.muon_matmul_dtype", "float16", "optimizer.muon_matmul_dtype must be"),
+    ("optimizer.schedule", "cosin", "optimizer.schedule must be cosine, linear or constant"),
+    ("optimizer.muon_ns_steps", 0, "optimizer.muon_ns_steps must be at least 1"),
 ])
 def test_architecture_and_optimizer_choices_are_validated(field, value, message):
   config = config_lib.base()

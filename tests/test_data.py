@@ -1,5 +1,6 @@
 """Tests for md4.data: tokenizers, corpora, OWT shards and the grain pipelines."""
 
+import collections
 import json
 import pathlib
 import time
@@ -68,8 +69,79 @@ def test_gpt2_tokenizer():
 
 
 def test_get_tokenizer_unknown():
-  with pytest.raises(ValueError, match=r"Unknown tokenizer 'bpe'; known: \['char', 'gpt2'\]"):
-    tokenizers.get_tokenizer("bpe")
+  with pytest.raises(ValueError, match=r"Unknown tokenizer 'wordpiece'; known: \['bpe', 'char', "):
+    tokenizers.get_tokenizer("wordpiece")
+
+
+def _reference_bpe(text: str, vocab_size: int) -> tuple[list, list]:
+  """Textbook BPE on lists: the most frequent adjacent pair (overlaps counted, ties to the
+  smallest pair), merged left to right; returns the merges and the final sequence."""
+  seq, merges = ["abcdefghijklmnopqrstuvwxyz ".index(c) for c in text], []
+  for new in range(27, vocab_size):
+    counts = collections.Counter(zip(seq[:-1], seq[1:], strict=True))
+    pair = min(counts, key=lambda p: (-counts[p], p))
+    merges.append(pair)
+    out, i = [], 0
+    while i < len(seq):
+      if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+        out.append(new)
+        i += 2
+      else:
+        out.append(seq[i])
+        i += 1
+    seq = out
+  return merges, seq
+
+
+def test_bpe_learns_the_textbook_merges_and_round_trips(tmp_path):
+  text = _random_text(3, 400) + " aaaaaaa eee the the the"  # runs of one letter overlap
+  merges, seq = _reference_bpe(text, 90)
+  tok = tokenizers.BPETokenizer.learn(text, 90)
+  assert tok.merges == merges and tok.vocab_size == 90
+  assert tok.encode(text).tolist() == seq
+  other = _random_text(4, 200)  # text the merges were not learned from
+  ids = tok.encode(other)
+  assert tok.decode(ids) == other and len(ids) < len(other)
+  assert tok.token_lengths.tolist() == [len(tok.decode([i])) for i in range(90)]
+  assert (0, 0) in merges  # the left-to-right rule for "aaa" was exercised
+  assert tok.decode([5, 90, 6]) == "f_g"  # the mask id is a placeholder
+  path = str(tmp_path / "bpe.json")
+  tok.save(path)
+  loaded = tokenizers.get_tokenizer("bpe", path=path)
+  assert loaded.merges == tok.merges and loaded.encode(other).tolist() == ids.tolist()
+  (tmp_path / "bad.json").write_text('{"merges": []}')
+  with pytest.raises(ValueError, match="not a BPE tokenizer file over the text8 alphabet"):
+    tokenizers.BPETokenizer.load(str(tmp_path / "bad.json"))
+  with pytest.raises(ValueError, match="must be larger than the 27 characters"):
+    tokenizers.BPETokenizer.learn(text, 27)
+  with pytest.raises(ValueError, match="too few repeated pairs for a 40-token BPE vocabulary"):
+    tokenizers.BPETokenizer.learn("abcdefg", 40)
+  with pytest.raises(ValueError, match="CharTokenizer accepts only a-z and space"):
+    tok.encode("Capital")
+
+
+def test_bpe_pipeline_learns_on_the_training_split_only(corpus, tmp_path):
+  path, text = corpus
+  file = str(tmp_path / "run" / "tokenizer.json")
+  cfg = _cfg(path=str(path), tokenizer="bpe")
+  ds = pipeline.create_datasets(cfg, seq_len=16, batch_size=8, seed=0, vocab_size=60,
+                                tokenizer_file=file)
+  cut = int(round(len(text) * 0.9))
+  assert ds.tokenizer.merges == tokenizers.BPETokenizer.learn(text[:cut], 60).merges
+  assert ds.vocab_size == 60 and tokenizers.BPETokenizer.load(file).merges == ds.tokenizer.merges
+  train_tokens = len(ds.tokenizer.encode(text[:cut]))
+  assert ds.info["train_chars_per_token"] == pytest.approx(cut / train_tokens)
+  eval_rows = np.concatenate([b["tokens"] for b in ds.eval_batches()])
+  held_out = ds.tokenizer.decode(eval_rows.reshape(-1))
+  assert text[cut:].startswith(held_out) and len(held_out) > 16 * len(eval_rows)
+  assert all(ds.tokenizer.decode(r) not in text[:cut] for r in eval_rows)
+  # The saved file is what later runs read, whatever text they are given (zero-shot eval).
+  other = pipeline.create_datasets(_cfg(path=str(path / "a.txt"), tokenizer="bpe"), seq_len=16,
+                                   batch_size=8, seed=0, vocab_size=60, tokenizer_file=file)
+  assert other.tokenizer.merges == ds.tokenizer.merges
+  with pytest.raises(ValueError, match="data.tokenizer=bpe is for text8, text_files and tfds"):
+    pipeline.create_datasets(_cfg(dataset="owt", path=str(tmp_path), tokenizer="bpe"),
+                             seq_len=16, batch_size=8, seed=0)
 
 
 def test_clean_text8():

@@ -15,6 +15,7 @@ import pytest
 
 from configs import ar_demo, demo
 from md4 import config_lib, evaluate, inference, methods, sharding, train
+from md4.data import tokenizers
 from md4.diffusion import masked
 from md4.diffusion.schedules import get_schedule
 from tests import oracle
@@ -54,6 +55,36 @@ def test_held_out_nelbo_matches_oracle_and_its_standard_error_shrinks(index):
   again = evaluate.held_out(oracle_eval_step, None, batches, MESH, rng=jax.random.key(0),
                             num_batches=0, likelihood_metrics=("nelbo",), time_samples=4)
   assert again == reports[4]  # fixed keys
+
+
+def test_bits_per_char_are_total_bits_over_total_characters():
+  # Examples of 3 tokens whose tokens stand for 1-3 characters (as BPE pieces do).
+  lengths = jnp.array([1, 2, 3])
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, V, (64, L)).astype(np.int32)} for _ in range(4)]
+
+  @jax.jit
+  def step(params, batch, rng):
+    out = oracle_eval_step(params, batch, rng)
+    return {**out, evaluate.CHARS: lengths[batch["tokens"]].sum(-1)}
+
+  kw = dict(mesh=MESH, rng=jax.random.key(0), num_batches=0, likelihood_metrics=("nelbo",))
+  report = evaluate.held_out(step, None, batches, **kw)
+  nats = np.concatenate([np.asarray(oracle_eval_step(None, b, jax.random.fold_in(
+      jax.random.fold_in(kw["rng"], i), 0))["nelbo"]) for i, b in enumerate(batches)])
+  chars = np.concatenate([np.asarray(lengths)[b["tokens"]].sum(-1) for b in batches])
+  assert report["bits_per_char"] == pytest.approx(nats.sum() / chars.sum() / math.log(2), 1e-5)
+  assert report["bits_per_token"] == pytest.approx(nats.mean() / L / math.log(2), 1e-5)
+  assert report["bits_per_char"] != pytest.approx(report["bits_per_token"], 1e-2)
+  assert "chars" not in report
+  # One character per token: the same numbers and standard errors as per token.
+  per_char = evaluate.bits_per_char(nats, np.full(len(nats), L))
+  assert per_char["bits_per_char"] == pytest.approx(report["bits_per_token"], 1e-5)
+  assert per_char["bits_per_char_se"] == pytest.approx(report["bits_per_token_se"], 1e-5)
+  # The ratio's standard error against the spread of bootstrap resamples of the examples.
+  boot = [nats[i].sum() / chars[i].sum() / math.log(2)
+          for i in rng.integers(0, len(nats), (2000, len(nats)))]
+  assert report["bits_per_char_se"] == pytest.approx(np.std(boot), rel=0.1)
 
 
 def tiny_ar(seed=0):
@@ -104,8 +135,8 @@ def test_generative_perplexity_takes_any_nll_fn():
 
 
 def tiny(config, corpus, workdir, steps):
-  config.data.path = corpus
-  config.seq_len = 32
+  config.data.update(path=corpus, tokenizer="char")
+  config.vocab_size, config.seq_len = 27, 32
   config.model.update(width=32, depth=1, num_heads=2)
   config.training.update(batch_size=8, num_steps=steps, log_every=steps, eval_every=steps,
                          checkpoint_every=steps)
@@ -160,6 +191,23 @@ def test_reference_is_checked_up_front(runs, tmp_path, change, message):
     train.load_reference(config)
 
 
+def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
+  reference = config_lib.base()
+  reference.model_type, reference.data.tokenizer = "ar", "bpe"
+  config_lib.save(reference, str(tmp_path))
+  config = config_lib.base()
+  config.eval.reference_workdir = str(tmp_path)
+  text = "to be or not to be that is the question " * 20
+  ours, other = (tokenizers.BPETokenizer.learn(text, n) for n in (40, 41))
+  with pytest.raises(config_lib.ConfigError, match="its BPE tokenizer .* is not this run's"):
+    train.check_reference_tokenizer(config, ours)  # no tokenizer.json there
+  ours.save(str(tmp_path / train.TOKENIZER_FILE))
+  train.check_reference_tokenizer(config, ours)
+  with pytest.raises(config_lib.ConfigError, match="is not this run's"):
+    train.check_reference_tokenizer(config, other)
+  train.check_reference_tokenizer(config, tokenizers.CharTokenizer())  # nothing learned
+
+
 def test_zero_shot_eval_on_other_data(runs, tmp_path):
   _, md4_dir, config = runs
   in_domain = inference.eval_only(config, md4_dir)
@@ -189,7 +237,8 @@ def test_infill_from_the_command_line_keeps_known_text(runs):
   template = "the ____ of ___ is"
   result = main_py("--config=configs/demo.py", f"--workdir={md4_dir}", "--mode=sample",
                    f"--infill={template}", *(f"--config.{k}={v}" for k, v in (
-                       ("data.path", config.data.path), ("seq_len", 32), ("model.width", 32),
+                       ("data.path", config.data.path), ("data.tokenizer", "char"),
+                       ("vocab_size", 27), ("seq_len", 32), ("model.width", 32),
                        ("model.depth", 1), ("model.num_heads", 2), ("sampling.num_samples", 4),
                        ("sampling.num_steps", 8), ("eval.reference_workdir", ar_dir))))
   assert result.returncode == 0, result.stderr[-3000:]

@@ -69,11 +69,11 @@ def test_evaluate_text(tmp_path, corpus, monkeypatch):
   notebook = execute("evaluate_text.ipynb", workdir, monkeypatch)
   out = text_output(notebook)
   assert "md4 at step 10" in out
-  assert "bits per token" in out and "(8 sequences)" in out
+  assert "bits per token" in out and "(8 sequences)" in out and "bits per character" in out
   infilled = out.split("template: 'to be or ___ to be'\n\n")[1].split("\n\n")[:2]
   assert len(infilled) == 2
-  for text in infilled:
-    assert len(text) == 32 and text.startswith("to be or ") and text[12:18] == " to be"
+  for text in infilled:  # 32 byte-pair tokens: three unknown ones between the known pieces
+    assert len(text) > 32 and text.startswith("to be or ") and text.find(" to be", 12) >= 12
   assert images_shown(notebook) == 1  # the training curves
 
 

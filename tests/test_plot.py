@@ -59,6 +59,15 @@ def test_plot_overlays_workdirs_into_a_png(tmp_path):
   np.testing.assert_allclose(lines["b eval/ema"].get_ydata(), [0.6, 1.0])
 
 
+def test_text_runs_are_plotted_per_character(tmp_path):
+  writer = MetricWriter(str(tmp_path))
+  for step in (10, 20):
+    writer.write(step, "train", {"bits_per_token": 6.0, "bits_per_char": 2.0, "lr": 1e-3})
+  writer.close()
+  fig = plot.plot_metrics([str(tmp_path)], str(tmp_path / "c.png"))
+  assert [ax.get_title() for ax in fig.get_axes()] == ["bits_per_char", "lr"]
+
+
 def test_plot_one_metric(tmp_path):
   write_run(tmp_path)
   out = tmp_path / "entropy.png"

@@ -12,11 +12,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--config.seq_len=32", "--config.model.width=32", "--config.model.depth=1",
-    "--config.model.num_heads=2", "--config.training.batch_size=8",
-    "--config.eval.batch_size=8", "--config.eval.num_batches=2",
-    "--config.sampling.num_samples=2", "--config.sampling.num_steps=8",
+TINY = [  # character level: configs/demo.py itself learns a BPE vocabulary
+    "--config.data.tokenizer=char", "--config.vocab_size=27", "--config.seq_len=32",
+    "--config.model.width=32", "--config.model.depth=1", "--config.model.num_heads=2",
+    "--config.training.batch_size=8", "--config.eval.batch_size=8",
+    "--config.eval.num_batches=2", "--config.sampling.num_samples=2",
+    "--config.sampling.num_steps=8",
 ]
 
 
@@ -78,6 +79,39 @@ def final_params(workdir, step):
   state = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(step), "state"))
   return state
+
+
+def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  common = [f"--config.data.path={corpus}", *TINY, "--config.data.tokenizer=bpe",
+            "--config.vocab_size=60"]
+  train = main_py(workdir, *common, "--config.training.num_steps=20",
+                  "--config.training.log_every=10", "--config.training.eval_every=20",
+                  "--config.sampling.every=20")
+  assert train.returncode == 0, train.stderr[-3000:]
+  tokenizer = os.path.join(workdir, "tokenizer.json")
+  merges = json.load(open(tokenizer))["merges"]
+  assert len(merges) == 60 - 27
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  ratio = [r["bits_per_token"] / r["bits_per_char"] for r in records if r["split"] == "train"]
+  assert len(ratio) == 2 and ratio[0] == pytest.approx(ratio[1]) and 1.2 < ratio[0] < 3
+  evals = [r for r in records if r["split"] == "eval"]
+  assert evals and all(1.2 < r["bits_per_token"] / r["bits_per_char"] < 3
+                       and r["bits_per_char_se"] > 0 for r in evals)
+  samples = open(os.path.join(workdir, "samples", "step_20.txt")).read().rstrip("\n").split("\n\n")
+  assert len(samples) == 2 and all(len(s) > 32 for s in samples)  # 32 tokens, more characters
+
+  # Eval and sample modes read the run's tokenizer, even on other text (zero-shot).
+  other = tmp_path / "other.txt"
+  other.write_text("to be or not to be that is the question " * 200)
+  evaluated = main_py(workdir, *common, f"--config.data.path={other}", "--mode=eval")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "bits_per_char=" in evaluated.stdout
+  assert json.load(open(tokenizer))["merges"] == merges
+  sampled = main_py(workdir, *common, "--mode=sample", "--prompt=the king")
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  text = open(os.path.join(workdir, "samples", "final_step_20.txt")).read()
+  assert all(s.startswith("the king") for s in text.rstrip("\n").split("\n\n"))
 
 
 @pytest.mark.slow

@@ -22,6 +22,19 @@ def compiled_step(config):
   return method, state, rng, step
 
 
+@pytest.mark.parametrize("schedule, quarter, end", [
+    ("cosine", 0.1 + 0.45 * (1 + np.cos(np.pi / 4)), 0.1), ("linear", 1 - 0.9 / 4, 0.1),
+    ("constant", 1.0, 1.0)])
+def test_learning_rate_schedules(schedule, quarter, end):
+  # Warm-up to lr over 100 steps, then decay over the remaining 900 to min_lr_ratio * lr;
+  # step 325 is a quarter of the way through the decay.
+  config = config_lib.base()
+  config.optimizer.update(lr=2e-3, warmup_steps=100, schedule=schedule, min_lr_ratio=0.1)
+  _, lr = train.make_optimizer(config, 1000)
+  got = [float(lr(s)) / 2e-3 for s in (0, 50, 100, 325, 1000)]
+  np.testing.assert_allclose(got, [0.0, 0.5, 1.0, quarter, end], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_unet_step_has_only_canonical_convolutions(grad_accum):
   # A gradient computed inside a loop body (even of length 1) keeps JAX's transpose-rule

@@ -8,7 +8,9 @@ state is a small JSON dict (`get_state()` / `set_state()`), saved with the check
 
 data_config fields:
   dataset: "text8" | "text_files" | "owt" | "tfds"
-  tokenizer: "char" | "gpt2"        (owt needs "gpt2"; tokenizer_path: optional GPT-2 ranks file)
+  tokenizer: "char" | "bpe" | "gpt2" (owt needs "gpt2"; tokenizer_path: optional GPT-2 ranks
+             file, or the bpe merges file: read if it exists, else learned from the training
+             split, vocab_size tokens, and written there)
   path: text8 file/zip; text file, directory or glob; OWT shard directory; tfds data_dir
   eval_split: text8 held-out split, "valid" (default) or "test"
   holdout_fraction: text_files, the LAST fraction of the corpus is held out (default 0.1)
@@ -19,6 +21,7 @@ data_config fields:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -67,16 +70,16 @@ def encode_stream(tokenizer, text: str, piece: int = 1 << 24) -> np.ndarray:
 
 
 def _documents_stream(tokenizer, texts: list[str]) -> np.ndarray:
-  """Char: cleaned texts joined by spaces. GPT-2: each text followed by <|endoftext|>."""
-  if isinstance(tokenizer, tokenizers.CharTokenizer):
-    return encode_stream(tokenizer, " ".join(corpora.clean_text8(t) for t in texts))
+  """GPT-2: each text followed by <|endoftext|>."""
   eot = np.array([tokenizer.eot_id], np.uint16)
   parts = [p for ids in tokenizer.encode_batch(texts) for p in (ids.astype(np.uint16), eot)]
   return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
 
 
-def _text_streams(cfg, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
-  """(train tokens, held-out tokens, description) for the text datasets."""
+def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
+  """(train, held-out, description) for the text datasets: strings, or for GPT-2 on tfds lists
+  of documents. With `alphabet` (char and bpe) the text is cleaned to the text8 alphabet and
+  documents are joined by spaces."""
   dataset = cfg.get("dataset")
   path = cfg.get("path")
   if dataset == "text8":
@@ -86,19 +89,18 @@ def _text_streams(cfg, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
     eval_split = cfg.get("eval_split", "valid")
     if eval_split not in ("valid", "test"):
       raise ValueError(f"data.eval_split for text8 must be 'valid' or 'test', not {eval_split!r}")
-    return (encode_stream(tokenizer, splits["train"]), encode_stream(tokenizer, splits[eval_split]),
-            f"text8 train / {eval_split}")
+    return splits["train"], splits[eval_split], f"text8 train / {eval_split}"
   if dataset == "text_files":
     if not path:
       raise ValueError("data.path must name a text file, directory or glob for 'text_files'")
     text = corpora.read_text_files(path)
-    if isinstance(tokenizer, tokenizers.CharTokenizer):
+    if alphabet:
       text = corpora.clean_text8(text)
     fraction = cfg.get("holdout_fraction", 0.1)
     if not 0 < fraction < 1:
       raise ValueError(f"data.holdout_fraction must be in (0, 1), got {fraction}")
     cut = int(round(len(text) * (1 - fraction)))  # characters [0, cut) train, [cut, end) held out
-    return (encode_stream(tokenizer, text[:cut]), encode_stream(tokenizer, text[cut:]),
+    return (text[:cut], text[cut:],
             f"{path}: first {1 - fraction:.0%} train, last {fraction:.0%} held out")
   # tfds: read a prepared dataset without TensorFlow.
   import tensorflow_datasets as tfds
@@ -106,12 +108,33 @@ def _text_streams(cfg, tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
   name, key = cfg.get("tfds_name"), cfg.get("text_key", "text")
   if not name:
     raise ValueError("data.tfds_name must be set for dataset 'tfds'")
-  streams = []
+  splits = []
   for split in (cfg.get("tfds_split", "train"), cfg.get("tfds_eval_split", "validation")):
     source = tfds.data_source(name, split=split, data_dir=path)
     texts = [r[key].decode("utf-8") if isinstance(r[key], bytes) else str(r[key]) for r in source]
-    streams.append(_documents_stream(tokenizer, texts))
-  return streams[0], streams[1], f"tfds {name}"
+    splits.append(" ".join(corpora.clean_text8(t) for t in texts) if alphabet else texts)
+  return splits[0], splits[1], f"tfds {name}"
+
+
+def _text_tokenizer(cfg, train_text: Any, vocab_size: int | None, tokenizer_file: str | None,
+                    process_index: int) -> tokenizers.Tokenizer:
+  """The config's tokenizer; `bpe` is read from data.tokenizer_path (else `tokenizer_file`) if
+  that file exists, else learned from the training text and written there (process 0)."""
+  name = cfg.get("tokenizer", "char")
+  if name == "gpt2":
+    return tokenizers.get_tokenizer("gpt2", ranks_path=cfg.get("tokenizer_path"))
+  if name != "bpe":
+    return tokenizers.get_tokenizer(name)
+  path = cfg.get("tokenizer_path") or tokenizer_file
+  if path and os.path.isfile(path):
+    return tokenizers.get_tokenizer("bpe", path=path)
+  if not vocab_size:
+    raise ValueError("learning a bpe tokenizer needs its vocabulary size (vocab_size)")
+  tokenizer = tokenizers.BPETokenizer.learn(train_text, vocab_size)
+  if path and process_index == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tokenizer.save(path)
+  return tokenizer
 
 
 def _owt_sources(cfg, tokenizer, seq_len: int) -> tuple[Sequence, Sequence, str]:
@@ -154,7 +177,8 @@ def read_options(data_config) -> grain.ReadOptions:
 
 def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
                     process_index: int = 0, process_count: int = 1,
-                    eval_batch_size: int | None = None) -> Datasets:
+                    eval_batch_size: int | None = None, vocab_size: int | None = None,
+                    tokenizer_file: str | None = None) -> Datasets:
   """Builds the training iterator and held-out batches described by `data_config`.
 
   Args:
@@ -164,6 +188,8 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
     seed: shuffling seed (each epoch is reshuffled deterministically from it).
     process_index, process_count: this host's place among the data-loading processes.
     eval_batch_size: global held-out batch size (default batch_size); the ragged tail is dropped.
+    vocab_size: the size of a bpe vocabulary to learn.
+    tokenizer_file: where a learned bpe tokenizer is kept when data.tokenizer_path is unset.
   """
   dataset = data_config.get("dataset")
   if dataset not in KNOWN_DATASETS:
@@ -175,13 +201,26 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   tok_name = data_config.get("tokenizer", "char")
-  tok_kw = {"ranks_path": data_config.get("tokenizer_path")} if tok_name == "gpt2" else {}
-  tokenizer = tokenizers.get_tokenizer(tok_name, **tok_kw)
+  if tok_name not in tokenizers.TOKENIZERS:
+    raise ValueError(f"Unknown tokenizer {tok_name!r}; known: {sorted(tokenizers.TOKENIZERS)}")
 
+  info = {}
   if dataset == "owt":
+    if tok_name == "bpe":
+      raise ValueError("data.tokenizer=bpe is for text8, text_files and tfds; OWT shards hold "
+                       "GPT-2 tokens (data.tokenizer=gpt2)")
+    tokenizer = _text_tokenizer(data_config, None, None, None, process_index)
     train_src, eval_src, desc = _owt_sources(data_config, tokenizer, seq_len)
   else:
-    train_stream, eval_stream, desc = _text_streams(data_config, tokenizer)
+    alphabet = tok_name in ("char", "bpe")
+    train_text, eval_text, desc = _text_splits(data_config, alphabet)
+    tokenizer = _text_tokenizer(data_config, train_text, vocab_size, tokenizer_file,
+                                process_index)
+    train_stream, eval_stream = (encode_stream(tokenizer, t) if isinstance(t, str)
+                                 else _documents_stream(tokenizer, t)
+                                 for t in (train_text, eval_text))
+    if alphabet and len(train_stream):
+      info["train_chars_per_token"] = len(train_text) / len(train_stream)
     for split, stream in (("training", train_stream), ("held-out", eval_stream)):
       if len(stream) < seq_len:
         raise ValueError(
@@ -208,8 +247,8 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
   def eval_batches() -> Iterator[dict]:
     return iter(eval_ds.to_iter_dataset(options))
 
-  info = {"description": desc, "train_sequences": len(train_src),
-          "eval_sequences": len(eval_src), "eval_batches": num_eval_batches,
-          "local_batch_size": batch_size // process_count}
+  info.update({"description": desc, "train_sequences": len(train_src),
+               "eval_sequences": len(eval_src), "eval_batches": num_eval_batches,
+               "local_batch_size": batch_size // process_count})
   return Datasets(train=train_iter, eval_batches=eval_batches, tokenizer=tokenizer,
                   vocab_size=tokenizer.vocab_size, info=info)
