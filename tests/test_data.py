@@ -99,6 +99,8 @@ def test_bpe_learns_the_textbook_merges_and_round_trips(tmp_path):
   tok = tokenizers.BPETokenizer.learn(text, 90)
   assert tok.merges == merges and tok.vocab_size == 90
   assert tok.encode(text).tolist() == seq
+  learned, ids = tokenizers.BPETokenizer.learn_encoding(text, 90)
+  assert learned.merges == merges and ids.tolist() == seq
   other = _random_text(4, 200)  # text the merges were not learned from
   ids = tok.encode(other)
   assert tok.decode(ids) == other and len(ids) < len(other)
@@ -129,8 +131,12 @@ def test_bpe_pipeline_learns_on_the_training_split_only(corpus, tmp_path):
   cut = int(round(len(text) * 0.9))
   assert ds.tokenizer.merges == tokenizers.BPETokenizer.learn(text[:cut], 60).merges
   assert ds.vocab_size == 60 and tokenizers.BPETokenizer.load(file).merges == ds.tokenizer.merges
-  train_tokens = len(ds.tokenizer.encode(text[:cut]))
-  assert ds.info["train_chars_per_token"] == pytest.approx(cut / train_tokens)
+  train_tokens = ds.tokenizer.encode(text[:cut])
+  assert ds.info["train_chars_per_token"] == pytest.approx(cut / len(train_tokens))
+  chunks = pipeline.TokenChunks(train_tokens, 16)
+  rows = np.concatenate(_take(ds.train, len(chunks) // 8))
+  train_rows = {bytes(r.astype(np.uint8)) for r in rows}
+  assert train_rows <= {bytes(chunks[i].astype(np.uint8)) for i in range(len(chunks))}
   eval_rows = np.concatenate([b["tokens"] for b in ds.eval_batches()])
   held_out = ds.tokenizer.decode(eval_rows.reshape(-1))
   assert text[cut:].startswith(held_out) and len(held_out) > 16 * len(eval_rows)

@@ -60,13 +60,18 @@ class TokenChunks(Sequence):
     return self.stream[start:start + self.seq_len].astype(np.int32)
 
 
+def _compact(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+  """ids as uint8 or uint16, whichever holds the vocabulary."""
+  return ids.astype(np.uint8 if vocab_size <= 256 else np.uint16)
+
+
 def encode_stream(tokenizer, text: str, piece: int = 1 << 24) -> np.ndarray:
   """Encodes a long text into a compact 1-D token array (uint8 or uint16)."""
-  dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16
   if isinstance(tokenizer, tokenizers.CharTokenizer):  # per-character: pieces bound the memory
-    parts = [tokenizer.encode(text[i:i + piece]).astype(dtype) for i in range(0, len(text), piece)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
-  return tokenizer.encode(text).astype(dtype)
+    parts = [_compact(tokenizer.encode(text[i:i + piece]), tokenizer.vocab_size)
+             for i in range(0, len(text), piece)]
+    return np.concatenate(parts) if parts else _compact(np.zeros(0), tokenizer.vocab_size)
+  return _compact(tokenizer.encode(text), tokenizer.vocab_size)
 
 
 def _documents_stream(tokenizer, texts: list[str]) -> np.ndarray:
@@ -117,24 +122,27 @@ def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
 
 
 def _text_tokenizer(cfg, train_text: Any, vocab_size: int | None, tokenizer_file: str | None,
-                    process_index: int) -> tokenizers.Tokenizer:
-  """The config's tokenizer; `bpe` is read from data.tokenizer_path (else `tokenizer_file`) if
-  that file exists, else learned from the training text and written there (process 0)."""
+                    process_index: int) -> tuple[tokenizers.Tokenizer, np.ndarray | None]:
+  """The config's tokenizer, and the training text's ids when learning it produced them.
+
+  `bpe` is read from data.tokenizer_path (else `tokenizer_file`) if that file exists, else
+  learned from the training text and written there (process 0).
+  """
   name = cfg.get("tokenizer", "char")
   if name == "gpt2":
-    return tokenizers.get_tokenizer("gpt2", ranks_path=cfg.get("tokenizer_path"))
+    return tokenizers.get_tokenizer("gpt2", ranks_path=cfg.get("tokenizer_path")), None
   if name != "bpe":
-    return tokenizers.get_tokenizer(name)
+    return tokenizers.get_tokenizer(name), None
   path = cfg.get("tokenizer_path") or tokenizer_file
   if path and os.path.isfile(path):
-    return tokenizers.get_tokenizer("bpe", path=path)
+    return tokenizers.get_tokenizer("bpe", path=path), None
   if not vocab_size:
     raise ValueError("learning a bpe tokenizer needs its vocabulary size (vocab_size)")
-  tokenizer = tokenizers.BPETokenizer.learn(train_text, vocab_size)
+  tokenizer, train_ids = tokenizers.BPETokenizer.learn_encoding(train_text, vocab_size)
   if path and process_index == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tokenizer.save(path)
-  return tokenizer
+  return tokenizer, train_ids
 
 
 def _owt_sources(cfg, tokenizer, seq_len: int) -> tuple[Sequence, Sequence, str]:
@@ -209,16 +217,20 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
     if tok_name == "bpe":
       raise ValueError("data.tokenizer=bpe is for text8, text_files and tfds; OWT shards hold "
                        "GPT-2 tokens (data.tokenizer=gpt2)")
-    tokenizer = _text_tokenizer(data_config, None, None, None, process_index)
+    tokenizer, _ = _text_tokenizer(data_config, None, None, None, process_index)
     train_src, eval_src, desc = _owt_sources(data_config, tokenizer, seq_len)
   else:
     alphabet = tok_name in ("char", "bpe")
     train_text, eval_text, desc = _text_splits(data_config, alphabet)
-    tokenizer = _text_tokenizer(data_config, train_text, vocab_size, tokenizer_file,
-                                process_index)
-    train_stream, eval_stream = (encode_stream(tokenizer, t) if isinstance(t, str)
-                                 else _documents_stream(tokenizer, t)
-                                 for t in (train_text, eval_text))
+    tokenizer, learned_ids = _text_tokenizer(data_config, train_text, vocab_size,
+                                             tokenizer_file, process_index)
+    def stream(text: Any) -> np.ndarray:
+      return (encode_stream(tokenizer, text) if isinstance(text, str)
+              else _documents_stream(tokenizer, text))
+
+    train_stream = (stream(train_text) if learned_ids is None  # learning encoded it already
+                    else _compact(learned_ids, tokenizer.vocab_size))
+    eval_stream = stream(eval_text)
     if alphabet and len(train_stream):
       info["train_chars_per_token"] = len(train_text) / len(train_stream)
     for split, stream in (("training", train_stream), ("held-out", eval_stream)):

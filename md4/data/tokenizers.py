@@ -102,6 +102,12 @@ class BPETokenizer:
   @classmethod
   def learn(cls, text: str, vocab_size: int) -> BPETokenizer:
     """Learns vocab_size - 27 merges from text8-alphabet text."""
+    return cls.learn_encoding(text, vocab_size)[0]
+
+  @classmethod
+  def learn_encoding(cls, text: str, vocab_size: int) -> tuple[BPETokenizer, np.ndarray]:
+    """`learn`, and the text's ids under the learned merges (which learning computes anyway:
+    the same as `encode(text)`)."""
     base = CharTokenizer.vocab_size
     if vocab_size <= base:
       raise ValueError(f"a BPE vocabulary must be larger than the {base} characters, "
@@ -115,7 +121,7 @@ class BPETokenizer:
                          f"vocabulary (it stops at {new})")
       merges.append(divmod(best, new))
       ids = _merge_pair(ids, *merges[-1], new)
-    return cls(merges)
+    return cls(merges), ids
 
   @classmethod
   def load(cls, path: str) -> BPETokenizer:
