@@ -32,7 +32,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       dataset="text_files",  # text8 | text_files | owt | tfds
-      tokenizer="char",      # char | gpt2
+      tokenizer="char",      # char | bpe | gpt2
+      tokenizer_path="",     # gpt2: its ranks file; bpe: merges file (read, or learned and written)
       path="data/shakespeare",
       holdout_fraction=0.1,
       tfds_name="", tfds_data_dir="", tfds_train_split="train", tfds_eval_split="validation",

@@ -111,9 +111,10 @@ def test_bpe_learns_the_textbook_merges_and_round_trips(tmp_path):
   tok.save(path)
   loaded = tokenizers.get_tokenizer("bpe", path=path)
   assert loaded.merges == tok.merges and loaded.encode(other).tolist() == ids.tolist()
-  (tmp_path / "bad.json").write_text('{"merges": []}')
-  with pytest.raises(ValueError, match="not a BPE tokenizer file over the text8 alphabet"):
-    tokenizers.BPETokenizer.load(str(tmp_path / "bad.json"))
+  for content in ('{"merges": []}', "{not json", "[1, 2]"):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(ValueError, match="not a BPE tokenizer file over the text8 alphabet"):
+      tokenizers.BPETokenizer.load(str(tmp_path / "bad.json"))
   with pytest.raises(ValueError, match="must be larger than the 27 characters"):
     tokenizers.BPETokenizer.learn(text, 27)
   with pytest.raises(ValueError, match="too few repeated pairs for a 40-token BPE vocabulary"):

@@ -190,6 +190,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus):
     ("--config.model.matmul_dtype=float16", "model.matmul_dtype must be"),
     ("--config.diffusion.train_estimator=count --config.model.time_conditioning=True",
      "needs model.time_conditioning=False"),
+    ("--config.data.tokenizer=bpe --config.vocab_size=60 --config.data.tokenizer_path=README.md",
+     "README.md is not a BPE tokenizer file over the text8 alphabet"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, corpus, override, message):
   args = [f"--config.data.path={corpus}", *TINY, *override.split()]

@@ -127,8 +127,12 @@ class BPETokenizer:
   def load(cls, path: str) -> BPETokenizer:
     """A tokenizer saved by `save`."""
     with open(path) as f:
-      saved = json.load(f)
-    if saved.get("alphabet") != CharTokenizer.alphabet or "merges" not in saved:
+      try:
+        saved = json.load(f)
+      except json.JSONDecodeError:
+        saved = {}
+    if (not isinstance(saved, dict) or saved.get("alphabet") != CharTokenizer.alphabet
+        or "merges" not in saved):
       raise ValueError(f"{path} is not a BPE tokenizer file over the text8 alphabet")
     return cls(saved["merges"])
 
