@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# tcmalloc makes CPU training steps ~1.4x faster (md4/tcmalloc.py; main.py and md4.bench use it
+# tcmalloc makes CPU training steps ~1.4x faster (md4/training/tcmalloc.py; main.py and md4.bench use it
 # when installed). Best effort: installed with apt-get when running as root, else a note.
 tcmalloc:
 	@ldconfig -p 2>/dev/null | grep -q libtcmalloc || \
@@ -57,8 +57,8 @@ test-slow: setup data
 test-all: test test-slow
 
 bench: setup tcmalloc
-	$(PY) -m md4.bench train --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 16
-	$(PY) -m md4.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 8 --steps 256
+	$(PY) -m md4.tools.bench train --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 16
+	$(PY) -m md4.tools.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 8 --steps 256
 
 clean:
 	rm -rf $(VENV) data runs

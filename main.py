@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from md4 import tcmalloc
+from md4.training import tcmalloc
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -85,13 +85,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(QuietLibraries())
   logging.info("memory allocator: %s%s", tcmalloc.allocator(), "" if tcmalloc.active() else
-               " (CPU steps are faster with tcmalloc, see md4/tcmalloc.py)")
+               " (CPU steps are faster with tcmalloc, see md4/training/tcmalloc.py)")
   if wants_distributed():
     initialize_distributed()
-  from md4 import checkpointing, config_lib, inference, train
+  from md4 import config_lib
+  from md4.evaluation import inference
+  from md4.training import checkpoints, train
 
   expected = (config_lib.ConfigError, ValueError, FileNotFoundError,
-              checkpointing.CheckpointError, train.NonFiniteError)
+              checkpoints.CheckpointError, train.NonFiniteError)
   try:
     if FLAGS.mode != "sample" and (FLAGS.prompt or FLAGS.infill or FLAGS.infill_region):
       raise ValueError("--prompt, --infill and --infill_region are for --mode=sample")

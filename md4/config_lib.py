@@ -13,9 +13,12 @@ import jax
 import ml_collections
 from etils import epath
 
-from md4 import methods
-from md4.data.images import IMAGE_DATASETS
+from md4.data import IMAGE_DATASETS
+from md4.diffusion import blackout, glauber
 from md4.diffusion.schedules import get_schedule
+
+# The methods of md4.methods.METHODS (the registry imports the networks; the schema does not).
+MODEL_TYPES = ("md4", "genmd4", "ggm", "ar", "blackout", "md4_pixels")
 
 
 class ConfigError(ValueError):
@@ -95,10 +98,14 @@ def _require(condition: bool, message: str) -> None:
     raise ConfigError(f"config: {message}")
 
 
+def _one_of(name: str, value, allowed: tuple) -> None:
+  _require(value in allowed, f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values and their consistency; raises ConfigError with one clear line."""
-  _require(config.model_type in methods.METHODS,
-           f"unknown model_type {config.model_type!r}; known: {', '.join(methods.METHODS)}")
+  _require(config.model_type in MODEL_TYPES,
+           f"unknown model_type {config.model_type!r}; known: {', '.join(MODEL_TYPES)}")
   try:
     get_schedule(config.diffusion.schedule)
   except ValueError as e:
@@ -155,15 +162,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            or (not m.time_conditioning and not d.num_steps),
            "diffusion.train_estimator=count needs model.time_conditioning=False and "
            "diffusion.num_steps=0 (it is exact only for networks that ignore t)")
-  _require(config.blackout.weighting in ("instantaneous", "finite-time"),
-           f"blackout.weighting must be instantaneous or finite-time, got "
-           f"{config.blackout.weighting!r}")
-  _require(config.blackout.sampler in ("tau_leaping", "bridge", "bridge_stochastic"),
-           f"blackout.sampler must be tau_leaping, bridge or bridge_stochastic, got "
-           f"{config.blackout.sampler!r}")
+  _one_of("blackout.weighting", config.blackout.weighting, blackout.WEIGHTINGS)
+  _one_of("blackout.sampler", config.blackout.sampler, blackout.SAMPLERS)
   _require(config.ggm.sweeps >= 1, "ggm.sweeps must be at least 1")
-  _require(config.ggm.loss in ("soft", "hard", "ce"),
-           f"ggm.loss must be soft, hard or ce, got {config.ggm.loss!r}")
+  _one_of("ggm.loss", config.ggm.loss, glauber.LOSS_KINDS)
 
 
 def check_data(config: ml_collections.ConfigDict, data) -> int:

@@ -4,7 +4,8 @@ import argparse
 
 import jax
 
-from md4 import bench, methods
+from md4 import methods
+from md4.tools import bench
 
 
 def bench_args(**kw) -> argparse.Namespace:

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 
 from configs import ar_demo, demo
-from md4 import config_lib, evaluate, inference, methods, sharding, train
+from md4 import config_lib, methods
 from md4.data import tokenizers
 from md4.diffusion import masked
 from md4.diffusion.schedules import get_schedule
+from md4.evaluation import evaluate, inference, reference
+from md4.training import sharding, train
+from md4.training.run import TOKENIZER_FILE, load_for_inference
 from tests import oracle
 from tests.test_infill import perturbed_params
 
@@ -169,9 +172,9 @@ def test_samples_report_generative_perplexity_under_the_reference(runs):
   sample = records(md4_dir, "sample")[-1]
   assert 1 < sample["gen_ppl"] < 60 and sample["gen_nats_per_token_se"] > 0
   # The reference is restored with its own saved config, whatever this run's model is.
-  nll_fn = train.load_reference(config)
+  nll_fn = reference.load_reference(config)
   tokens = np.zeros((2, 32), np.int32)
-  run, state, _ = train.load_for_inference(config_lib.load(ar_dir), ar_dir, with_data=False)
+  run, state, _ = load_for_inference(config_lib.load(ar_dir), ar_dir, with_data=False)
   assert run.data is None
   np.testing.assert_allclose(nll_fn(tokens), run.method.nll(state["ema"], tokens), rtol=1e-6)
 
@@ -188,7 +191,7 @@ def test_reference_is_checked_up_front(runs, tmp_path, change, message):
   config.eval.reference_workdir = {"md4": md4_dir, "nowhere": str(tmp_path)}.get(
       change.get("reference"), ar_dir)
   with pytest.raises((ValueError, FileNotFoundError), match=message):
-    train.load_reference(config)
+    reference.load_reference(config)
 
 
 def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
@@ -200,12 +203,12 @@ def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
   text = "to be or not to be that is the question " * 20
   ours, other = (tokenizers.BPETokenizer.learn(text, n) for n in (40, 41))
   with pytest.raises(config_lib.ConfigError, match="its BPE tokenizer .* is not this run's"):
-    train.check_reference_tokenizer(config, ours)  # no tokenizer.json there
-  ours.save(str(tmp_path / train.TOKENIZER_FILE))
-  train.check_reference_tokenizer(config, ours)
+    reference.check_reference_tokenizer(config, ours)  # no tokenizer.json there
+  ours.save(str(tmp_path / TOKENIZER_FILE))
+  reference.check_reference_tokenizer(config, ours)
   with pytest.raises(config_lib.ConfigError, match="is not this run's"):
-    train.check_reference_tokenizer(config, other)
-  train.check_reference_tokenizer(config, tokenizers.CharTokenizer())  # nothing learned
+    reference.check_reference_tokenizer(config, other)
+  reference.check_reference_tokenizer(config, tokenizers.CharTokenizer())  # nothing learned
 
 
 def test_zero_shot_eval_on_other_data(runs, tmp_path):

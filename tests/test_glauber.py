@@ -1,4 +1,4 @@
-"""GGM exactness on V = L = 3 with a random p over all 27 sequences (SPEC.md section 3)."""
+"""GGM exactness on V = L = 3 with a random p over all 27 sequences (docs/methods.md §3)."""
 
 import functools
 

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4 import config_lib, image_methods
+from md4 import config_lib
+from md4.methods import image
 from tests import oracle
 
 # Tiny 2 x 2 grey images whose pixels are 0 or 255: p over the 16 images.
@@ -29,7 +30,7 @@ def make_method():
   config.model_type = "md4_pixels"
   config.image_shape = SHAPE
   config.unet.update(base_channels=8, channel_mults=(1,), attn_resolutions=())
-  method = image_methods.MD4Pixels(config, 256)
+  method = image.MD4Pixels(config, 256)
   method.logits_fn = lambda params, rng, train: oracle_logits_fn
   return method
 

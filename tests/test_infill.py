@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from md4 import config_lib, infill, methods
+from md4 import config_lib, methods
 from md4.data import tokenizers
+from md4.evaluation import infill
 
 CHAR = tokenizers.CharTokenizer()
 needs_gpt2 = pytest.mark.skipif(

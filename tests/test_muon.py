@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from md4 import muon
+from md4.training import muon
 
 
 def with_spectrum(shape, singular_values, seed=0):

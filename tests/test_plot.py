@@ -5,8 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from md4 import plot
-from md4.metric_writers import MetricWriter
+from md4.tools import plot
+from md4.training.metric_writers import MetricWriter
 
 
 def write_run(workdir, scale=1.0):

@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from md4 import config_lib, methods, sharding, train
+from md4 import config_lib, methods
+from md4.training import sharding
+from md4.training.optimizer import make_optimizer
+from md4.training.step import init_state, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1), (4, 2), (2, 4)]
@@ -36,12 +39,12 @@ def tiny_config(dtype: str = "float32"):
 def run_steps(config, mesh, min_size: int = MIN_SIZE):
   """NUM_STEPS train steps on random tokens over `mesh`: (losses, final state)."""
   method = methods.create(config, config.vocab_size)
-  tx, lr = train.make_optimizer(config, NUM_STEPS)
+  tx, lr = make_optimizer(config, NUM_STEPS)
   init_rng, train_rng = jax.random.split(jax.random.key(0))
-  init = functools.partial(train.init_state, method, tx)
+  init = functools.partial(init_state, method, tx)
   shardings = sharding.state_shardings(mesh, jax.eval_shape(init, init_rng), min_size)
   state = jax.jit(init, out_shardings=shardings)(init_rng)
-  step = jax.jit(functools.partial(train.train_step, method=method, tx=tx, lr=lr, config=config,
+  step = jax.jit(functools.partial(train_step, method=method, tx=tx, lr=lr, config=config,
                                    rng=train_rng), out_shardings=(shardings, None))
   tokens = np.random.default_rng(0).integers(
       0, config.vocab_size, (NUM_STEPS, config.training.batch_size, config.seq_len), np.int32)

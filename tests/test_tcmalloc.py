@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from md4 import tcmalloc
+from md4.training import tcmalloc
 
-PRINT_PRELOAD = ("from md4 import tcmalloc; tcmalloc.reexec(); import os; "
+PRINT_PRELOAD = ("from md4.training import tcmalloc; tcmalloc.reexec(); import os; "
                  "print(os.environ.get('LD_PRELOAD', ''))")
 
 

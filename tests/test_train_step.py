@@ -8,16 +8,18 @@ import jax
 import numpy as np
 import pytest
 
-from md4 import config_lib, methods, train
+from md4 import config_lib, methods
+from md4.training.optimizer import make_optimizer
+from md4.training.step import init_state, train_step
 
 
 def compiled_step(config):
   method = methods.create(config, config.vocab_size)
-  tx, lr = train.make_optimizer(config, 10)
-  state = jax.jit(functools.partial(train.init_state, method, tx))(jax.random.key(0))
+  tx, lr = make_optimizer(config, 10)
+  state = jax.jit(functools.partial(init_state, method, tx))(jax.random.key(0))
   rng = jax.random.key(1)
   data_key = "images" if config.model_type == "blackout" else "tokens"
-  step = jax.jit(functools.partial(train.train_step, method=method, tx=tx, lr=lr, config=config,
+  step = jax.jit(functools.partial(train_step, method=method, tx=tx, lr=lr, config=config,
                                    rng=rng, data_key=data_key))
   return method, state, rng, step
 
@@ -30,7 +32,7 @@ def test_learning_rate_schedules(schedule, quarter, end):
   # step 325 is a quarter of the way through the decay.
   config = config_lib.base()
   config.optimizer.update(lr=2e-3, warmup_steps=100, schedule=schedule, min_lr_ratio=0.1)
-  _, lr = train.make_optimizer(config, 1000)
+  _, lr = make_optimizer(config, 1000)
   got = [float(lr(s)) / 2e-3 for s in (0, 50, 100, 325, 1000)]
   np.testing.assert_allclose(got, [0.0, 0.5, 1.0, quarter, end], rtol=1e-5, atol=1e-7)
 
@@ -74,7 +76,7 @@ def test_muon_orthogonalises_block_matrices_and_adam_updates_the_rest():
   c.optimizer.update(name="muon", lr=1e-3, muon_lr=0.02, warmup_steps=0, schedule="constant",
                      grad_clip=0.0)
   params = methods.create(c, c.vocab_size).init(jax.random.key(0))
-  tx, _ = train.make_optimizer(c, 10)
+  tx, _ = make_optimizer(c, 10)
   rng = np.random.default_rng(0)
 
   def ill_conditioned(p):  # singular values from 1 to 20 for matrices

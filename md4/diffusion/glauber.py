@@ -1,4 +1,4 @@
-"""GGM: the Glauber Generative Model (SPEC.md section 3). Pure functions of a `logits_fn`.
+"""GGM: the Glauber Generative Model (docs/methods.md §3). Pure functions of a `logits_fn`.
 
 Forward process: steps t = 0..T-1 with T = K * L (K sweeps); step t visits position
 i_t = t mod L and, with probability pi_t, leaves its token alone ("signal"), else replaces it by

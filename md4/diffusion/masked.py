@@ -1,4 +1,4 @@
-"""MD4: masked diffusion (SPEC.md section 1). Pure functions of a `logits_fn` and a PRNG key.
+"""MD4: masked diffusion (docs/methods.md §1). Pure functions of a `logits_fn` and a PRNG key.
 
 Tokens are 0..V-1 and the mask id is V. `logits_fn(z, t)` maps z: int[B, L] in 0..V and
 t: float[B] to float[B, L, V] logits of the clean token at every position.

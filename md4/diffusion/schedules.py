@@ -1,4 +1,4 @@
-"""Masking / survival schedules alpha(t) on [0, 1] (SPEC.md section 1).
+"""Masking / survival schedules alpha(t) on [0, 1] (docs/methods.md §1).
 
 alpha(t) is the probability that a token is still clean at time t; it decreases from about 1 at
 t = 0 to about 0 at t = 1. Every schedule exposes alpha(t) and its derivative dalpha(t), both

@@ -1,6 +1,6 @@
 """Image methods for the training registry: Blackout Diffusion and MD4 on pixels, with a UNet.
 
-Same protocol as md4/methods.py, on image batches int[B, H, W, C]:
+Same protocol as the text methods (md4/methods/__init__.py), on image batches int[B, H, W, C]:
   init(rng) -> params
   loss(params, images, rng, train) -> (scalar loss, metrics with "loss")
   evaluate(params, images, rng) -> {name: float[B]}
@@ -27,7 +27,7 @@ import ml_collections
 
 from md4.diffusion import blackout, masked
 from md4.diffusion.schedules import get_schedule
-from md4.networks import DTYPES
+from md4.networks import DTYPES, apply_fn
 from md4.networks.unet import UNet
 
 Array = jnp.ndarray
@@ -42,22 +42,13 @@ def build_unet(config: ml_collections.ConfigDict, **kw) -> UNet:
               dropout=u.dropout, dtype=DTYPES[u.dtype], **kw)
 
 
-def _apply_fn(model: UNet, params: Any, rng: Array | None, train: bool) -> Callable:
-  """net(x, t) of a UNet and its params, with dropout only when training."""
-
-  def net(x: Array, t: Array) -> Array:
-    rngs = {"dropout": rng} if train and rng is not None else {}
-    return model.apply({"params": params}, x, t, train=train, rngs=rngs)
-
-  return net
-
-
 @dataclasses.dataclass
 class Blackout:
-  """Blackout Diffusion (SPEC section 4) with a rate-output UNet.
+  """Blackout Diffusion (docs/methods.md §4) with a rate-output UNet.
 
-  The network sees (n - (N/2) p_k) / (N/2), SPEC's input scaled to about [-1, 1], and the time
-  k / T; its rate output is (N/2) softplus(.), so that it starts near the right magnitude.
+  The network sees (n - (N/2) p_k) / (N/2), the input of docs/methods.md §4 scaled to about
+  [-1, 1], and the time k / T; its rate output is (N/2) softplus(.), so that it starts near the
+  right magnitude.
   """
 
   config: ml_collections.ConfigDict
@@ -77,7 +68,7 @@ class Blackout:
 
   def rate_fn(self, params: Any, rng: Array | None, train: bool) -> blackout.RateFn:
     """rate_fn(n: int[B, H, W, C], k: int[B]) -> float[B, H, W, C] >= 0."""
-    net = _apply_fn(self.model, params, rng, train)
+    net = apply_fn(self.model, params, rng, train)
 
     def rate_fn(n: Array, k: Array) -> Array:
       p_k = self.process.p[k][:, None, None, None]
@@ -108,7 +99,7 @@ class Blackout:
 
 @dataclasses.dataclass
 class MD4Pixels:
-  """MD4 (SPEC section 1) on the flattened 8-bit pixel channels, L = H * W * C, V = 256."""
+  """MD4 (docs/methods.md §1) on the flattened 8-bit pixel channels, L = H * W * C, V = 256."""
 
   config: ml_collections.ConfigDict
   vocab_size: int = PIXEL_VALUES
@@ -130,7 +121,7 @@ class MD4Pixels:
 
   def logits_fn(self, params: Any, rng: Array | None, train: bool) -> Callable:
     """logits_fn(z: int[B, L] in 0..256, t: float[B]) -> float[B, L, 256]."""
-    net = _apply_fn(self.model, params, rng, train)
+    net = apply_fn(self.model, params, rng, train)
 
     def logits_fn(z: Array, t: Array) -> Array:
       logits = net(z.reshape(z.shape[0], *self.config.image_shape), t)

@@ -1,13 +1,4 @@
-"""The registry that wires a network to a diffusion method, keyed by `config.model_type`.
-
-A method owns four pure functions that the training loop calls:
-  init(rng) -> params
-  loss(params, tokens, rng, train) -> (scalar loss, metrics)      # averaged over the batch
-  evaluate(params, tokens, rng) -> {name: float[B]}                # per-example sums
-  sample(params, rng, batch_size, known, known_mask) -> int[B, L]
-Networks know nothing of diffusion and diffusion code knows nothing of networks; this module is
-the only place where the two meet.
-"""
+"""Text methods: MD4, GenMD4 and GGM on a transformer, and the autoregressive reference."""
 
 from __future__ import annotations
 
@@ -20,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from md4 import image_methods
 from md4.diffusion import genmd4, glauber, masked
 from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.schedules import get_schedule
-from md4.networks import DTYPES
+from md4.networks import DTYPES, apply_fn
 from md4.networks.transformer import Transformer
 
 Array = jnp.ndarray
@@ -42,19 +32,14 @@ def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
 
 
 def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool) -> Callable:
-  """The `logits_fn(tokens, t, head_index=None)` callable of a Flax module and its params."""
-
-  def logits_fn(tokens: Array, t: Array, head_index: Array | None = None) -> Array:
-    rngs = {"dropout": rng} if train and rng is not None else {}
-    return model.apply({"params": params}, tokens, t, head_index=head_index, train=train,
-                       rngs=rngs)
-
-  return logits_fn
+  """The `logits_fn(tokens, t, head_index=None)` callable of a transformer and its params."""
+  net = apply_fn(model, params, rng, train)
+  return lambda tokens, t, head_index=None: net(tokens, t, head_index=head_index)
 
 
 @dataclasses.dataclass
 class MD4:
-  """Masked diffusion (SPEC section 1) with a time-conditioned bidirectional transformer."""
+  """Masked diffusion (docs/methods.md §1) with a time-conditioned bidirectional transformer."""
 
   config: ml_collections.ConfigDict
   vocab_size: int
@@ -100,7 +85,7 @@ class MD4:
 
 @dataclasses.dataclass
 class GenMD4(MD4):
-  """State-dependent masking (SPEC section 2): params are {"net": ..., "w_raw": float[V]}.
+  """State-dependent masking (docs/methods.md §2): params are {"net": ..., "w_raw": float[V]}.
 
   The exponents w = softplus(w_raw) live beside the network's parameters and are trained by the
   RLOO surrogate; the diffusion functions receive w explicitly.
@@ -148,14 +133,14 @@ def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: boo
     batch, seq_len = x_in.shape
     query = jnp.argmax(x_in == model.vocab_size, axis=1)
     head_index = jnp.arange(batch) * seq_len + query
-    return base(x_in, t.astype(jnp.float32) / num_steps, head_index)
+    return base(x_in, t.astype(jnp.float32) / num_steps, head_index=head_index)
 
   return logits_fn
 
 
 @dataclasses.dataclass
 class GGM:
-  """Glauber Generative Model (SPEC section 3): a bank of V signal/noise classifiers."""
+  """Glauber Generative Model (docs/methods.md §3): a bank of V signal/noise classifiers."""
 
   config: ml_collections.ConfigDict
   vocab_size: int
@@ -244,15 +229,3 @@ class AR:
       return tokens.at[:, i].set(jnp.where(fixed[:, i], tokens[:, i], drawn))
 
     return jax.lax.fori_loop(0, seq_len, step, tokens)
-
-
-METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM, "ar": AR,
-                            "blackout": image_methods.Blackout,
-                            "md4_pixels": image_methods.MD4Pixels}
-
-
-def create(config: ml_collections.ConfigDict, vocab_size: int):
-  """The method named by config.model_type."""
-  if config.model_type not in METHODS:
-    raise ValueError(f"unknown model_type {config.model_type!r}; known: {', '.join(METHODS)}")
-  return METHODS[config.model_type](config, vocab_size)

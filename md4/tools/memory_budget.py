@@ -1,6 +1,6 @@
 """Per-chip memory budget of MD4 training (the tables of docs/scaling.md).
 
-  python launch/memory_budget.py
+  python -m md4.tools.memory_budget
 
 Parameter counts are exact (jax.eval_shape of the real model, no memory used); activation sizes
 are estimates from the formulas printed with the tables.
@@ -9,13 +9,10 @@ are estimates from the formulas printed with the tables.
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from md4 import config_lib, methods  # noqa: E402
+from md4 import config_lib, methods
 
 GB = 1e9
 SEQ, VOCAB = 1024, 50257

@@ -11,10 +11,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from md4 import infill
 from md4.data import images
-from md4.metric_writers import MetricWriter
-from md4.train import Run, check_reference_tokenizer, load_for_inference, load_reference
+from md4.evaluation import infill, samples
+from md4.evaluation.reference import check_reference_tokenizer, load_reference
+from md4.training.metric_writers import MetricWriter
+from md4.training.run import Run, load_for_inference
 
 
 def eval_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -90,8 +91,8 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
     known = held_out_images(run, config.sampling.num_samples)
     known_mask = np.broadcast_to(region_mask, known.shape)
   name = f"{'infill' if kind in ('infill', 'region') else 'final'}_step_{step}"
-  report = run.draw_samples(state["ema"], step, known=known, known_mask=known_mask, name=name,
-                            nll_fn=reference)
+  report = samples.draw(run, state["ema"], step, known=known, known_mask=known_mask,
+                        name=name, nll_fn=reference)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, "sample_only", {**report, "weights": "ema", "conditioning": kind or "none"})
   writer.close()

@@ -1,6 +1,6 @@
 """Training curves from one or more workdirs' metrics.jsonl, as a PNG.
 
-  python -m md4.plot runs/demo [runs/other ...] --out curves.png [--metric bits_per_token ...]
+  python -m md4.tools.plot runs/demo [runs/other ...] --out curves.png [--metric bits_per_token ...]
 
 One panel per metric; train and eval curves of every workdir overlaid (eval curves are split by
 the weights they used, e.g. "eval/ema"). Workdirs may be bucket paths (gs://...).
@@ -18,7 +18,7 @@ from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from md4 import metric_writers
+from md4.training import metric_writers
 
 # {curve: {metric: (steps int[N], values float[N])}}, curves such as "train" or "eval/ema".
 Series = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -107,7 +107,8 @@ def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m md4.plot", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m md4.tools.plot",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   parser.add_argument("--out", default="curves.png", help="PNG path (default: curves.png)")
   parser.add_argument("--metric", action="append", dest="metrics",

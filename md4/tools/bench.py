@@ -1,9 +1,10 @@
 """Benchmarks: training throughput against the measured matmul peak, and sampling cost.
 
-  python -m md4.bench train  --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 16
-  python -m md4.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 --batch 8 \
-      --steps 256
-  python -m md4.bench ggm    --layers 6 --width 256 --heads 8 --seq_len 256 --batch 8 \
+  python -m md4.tools.bench train  --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 \
+      --batch 16
+  python -m md4.tools.bench sample --layers 6 --width 256 --heads 8 --seq_len 256 --vocab 27 \
+      --batch 8 --steps 256
+  python -m md4.tools.bench ggm    --layers 6 --width 256 --heads 8 --seq_len 256 --batch 8 \
       --vocabs 27 50257
 
 Random weights and random tokens: a benchmark measures the program, not the model. Each command
@@ -23,9 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4 import config_lib, methods, tcmalloc, train
+from md4 import config_lib, methods
 from md4.diffusion import masked
+from md4.methods import text
 from md4.networks import DTYPES
+from md4.training import tcmalloc
+from md4.training.optimizer import make_optimizer
+from md4.training.step import init_state, train_step
 
 
 def best_time(fn, *args, repeats: int = 5) -> float:
@@ -79,10 +84,10 @@ def model_flops_per_token(params, config) -> float:
 def time_train_step(config, tokens) -> dict:
   """Seconds per optimizer step, model FLOPs per step and XLA's FLOP count of the real step."""
   method = methods.create(config, config.vocab_size)
-  tx, lr = train.make_optimizer(config, 1000)
+  tx, lr = make_optimizer(config, 1000)
   rng = jax.random.key(0)
-  state = jax.jit(functools.partial(train.init_state, method, tx))(rng)
-  step = jax.jit(functools.partial(train.train_step, method=method, tx=tx, lr=lr, config=config,
+  state = jax.jit(functools.partial(init_state, method, tx))(rng)
+  step = jax.jit(functools.partial(train_step, method=method, tx=tx, lr=lr, config=config,
                                    rng=rng))
   compiled = step.lower(state, {"tokens": tokens}).compile()
   xla_flops = compiled.cost_analysis()
@@ -140,7 +145,7 @@ def cmd_sample(args) -> dict:
   config = bench_config(args)
   method = methods.create(config, config.vocab_size)
   params = method.init(jax.random.key(0))
-  logits_fn = methods.network_fn(method.model, params, None, False)
+  logits_fn = text.network_fn(method.model, params, None, False)
   results = {}
   for cache in (False, True):
     fn = jax.jit(functools.partial(
@@ -177,8 +182,8 @@ def cmd_ggm(args) -> dict:
     x_in = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, vocab)
     x_in = x_in.at[:, 3].set(vocab)  # the queried position holds the query id
     t = jnp.full((args.batch,), 5)
-    query = jax.jit(methods.query_head_fn(method.model, params, None, False, 100))
-    full = jax.jit(methods.network_fn(method.model, params, None, False))
+    query = jax.jit(text.query_head_fn(method.model, params, None, False, 100))
+    full = jax.jit(text.network_fn(method.model, params, None, False))
     query_s = best_time(query, x_in, t)
     full_s = best_time(full, x_in, t.astype(jnp.float32) / 100)
     flops = query.lower(x_in, t).compile().cost_analysis()

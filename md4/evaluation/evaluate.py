@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from md4 import sharding
+from md4.training import sharding
 
 
 def likelihood_report(nats_per_token: float) -> dict[str, float]:
@@ -103,7 +103,3 @@ def unigram_entropy(tokens: np.ndarray) -> np.ndarray:
     freq = counts / counts.sum()
     out.append(-(freq * np.log(freq)).sum())
   return np.asarray(out)
-
-
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

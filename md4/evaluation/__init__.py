@@ -1,0 +1,2 @@
+"""Evaluation: likelihood and sample metrics, the eval and sample modes, infilling, reference
+models."""

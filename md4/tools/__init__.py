@@ -1,0 +1,1 @@
+"""Tools apart from the library: benchmarks, training curves, the memory budget."""
