@@ -18,7 +18,8 @@ from md4 import config_lib, methods
 from md4.data import tokenizers
 from md4.diffusion import masked
 from md4.diffusion.schedules import get_schedule
-from md4.evaluation import evaluate, inference, reference
+from md4.evaluation import evaluate, inference
+from md4.evaluation.reference import check_reference_tokenizer, load_reference
 from md4.training import sharding, train
 from md4.training.run import TOKENIZER_FILE, load_for_inference
 from tests import oracle
@@ -172,7 +173,7 @@ def test_samples_report_generative_perplexity_under_the_reference(runs):
   sample = records(md4_dir, "sample")[-1]
   assert 1 < sample["gen_ppl"] < 60 and sample["gen_nats_per_token_se"] > 0
   # The reference is restored with its own saved config, whatever this run's model is.
-  nll_fn = reference.load_reference(config)
+  nll_fn = load_reference(config)
   tokens = np.zeros((2, 32), np.int32)
   run, state, _ = load_for_inference(config_lib.load(ar_dir), ar_dir, with_data=False)
   assert run.data is None
@@ -191,7 +192,7 @@ def test_reference_is_checked_up_front(runs, tmp_path, change, message):
   config.eval.reference_workdir = {"md4": md4_dir, "nowhere": str(tmp_path)}.get(
       change.get("reference"), ar_dir)
   with pytest.raises((ValueError, FileNotFoundError), match=message):
-    reference.load_reference(config)
+    load_reference(config)
 
 
 def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
@@ -203,12 +204,12 @@ def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
   text = "to be or not to be that is the question " * 20
   ours, other = (tokenizers.BPETokenizer.learn(text, n) for n in (40, 41))
   with pytest.raises(config_lib.ConfigError, match="its BPE tokenizer .* is not this run's"):
-    reference.check_reference_tokenizer(config, ours)  # no tokenizer.json there
+    check_reference_tokenizer(config, ours)  # no tokenizer.json there
   ours.save(str(tmp_path / TOKENIZER_FILE))
-  reference.check_reference_tokenizer(config, ours)
+  check_reference_tokenizer(config, ours)
   with pytest.raises(config_lib.ConfigError, match="is not this run's"):
-    reference.check_reference_tokenizer(config, other)
-  reference.check_reference_tokenizer(config, tokenizers.CharTokenizer())  # nothing learned
+    check_reference_tokenizer(config, other)
+  check_reference_tokenizer(config, tokenizers.CharTokenizer())  # nothing learned
 
 
 def test_zero_shot_eval_on_other_data(runs, tmp_path):
