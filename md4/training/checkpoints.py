@@ -96,9 +96,9 @@ class Checkpointer:
   def _set_aside(self, step: int, reason: str, fallback: int) -> None:
     """Logs (and unless read-only, moves aside) the unreadable checkpoint `step`."""
     source = self.directory / str(step)
+    unreadable = f"checkpoint at step {step} ({source}) is corrupt or partial ({reason})"
     if self.read_only:
-      logging.warning("checkpoint %s cannot be read (%s); using step %d", source, reason,
-                      fallback)
+      logging.warning("%s; using step %d", unreadable, fallback)
       return
     target = self.directory / UNREADABLE_DIR / str(step)
     suffix = 1
@@ -110,8 +110,7 @@ class Checkpointer:
       os.rename(source, target)
     multihost_utils.sync_global_devices(f"moved the unreadable checkpoint {step}")
     self._manager.reload()
-    logging.warning("checkpoint %s cannot be read (%s); moved it to %s and resuming from step %d",
-                    source, reason, target, fallback)
+    logging.warning("%s; moved it to %s and resuming from step %d", unreadable, target, fallback)
 
   def wait(self) -> None:
     """Blocks until a save in flight has finished."""
