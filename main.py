@@ -3,8 +3,11 @@
 Config values can be overridden on the command line, e.g. --config.optimizer.lr=1e-3.
 mode=eval with other data (--config.data.path=...) is zero-shot likelihood. mode=sample takes
 one of --prompt, --infill (text, gaps as `_`) or --infill_region (images, e.g. center).
-Bad input (unknown config key or dataset, wrong vocabulary, missing file, unreadable checkpoint)
-ends in one line on stderr and exit status 2; set MD4_DEBUG=1 to see the traceback.
+mode=eval and mode=sample read the workdir's config.json (the --config file is only the base of
+the command line's overrides, which may not change the model). Bad input (unknown config key or
+dataset, wrong vocabulary, missing file, no checkpoint, a resume that changes the model or data,
+a workdir in use by another run) ends in one line on stderr and exit status 2; set MD4_DEBUG=1 to
+see the traceback. What a training run guarantees is in docs/runs.md.
 """
 
 from __future__ import annotations
@@ -90,21 +93,25 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
   from md4 import config_lib
   from md4.evaluation import inference
-  from md4.training import checkpoints, train
+  from md4.training import checkpoints, lock, run, train
 
   expected = (config_lib.ConfigError, ValueError, FileNotFoundError,
-              checkpoints.CheckpointError, train.NonFiniteError)
+              checkpoints.CheckpointError, train.NonFiniteError, lock.WorkdirBusy)
   try:
     if FLAGS.mode != "sample" and (FLAGS.prompt or FLAGS.infill or FLAGS.infill_region):
       raise ValueError("--prompt, --infill and --infill_region are for --mode=sample")
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+      raise ValueError(f"--workdir {FLAGS.workdir} is a file, not a directory")
     if FLAGS.mode == "train":
       train.train(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-      report = inference.eval_only(FLAGS.config, FLAGS.workdir)
+      return
+    config = run.inference_config(FLAGS.workdir, FLAGS["config"].override_values)
+    if FLAGS.mode == "eval":
+      report = inference.eval_only(config, FLAGS.workdir)
       print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in report.items()))
     else:
-      path = inference.sample_only(FLAGS.config, FLAGS.workdir, prompt=FLAGS.prompt,
+      path = inference.sample_only(config, FLAGS.workdir, prompt=FLAGS.prompt,
                                infill_text=FLAGS.infill, infill_region=FLAGS.infill_region)
       if path.endswith(".png"):
         print(f"wrote {path}")

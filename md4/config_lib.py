@@ -81,6 +81,9 @@ def base() -> ml_collections.ConfigDict:
       batch_size=32, num_steps=1000, grad_accum=1, ema_decay=0.999, ema_warmup=True,
       log_every=50, eval_every=500, checkpoint_every=500, keep_checkpoints=3,
   ))
+  # Non-finite policy (docs/runs.md): a step whose loss or gradient is NaN/inf is skipped (the
+  # state is kept) and counted; this many skipped steps in a row stop the run.
+  c.training.max_nonfinite_steps = 10
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=32, num_batches=16, weights=("params", "ema"),
       time_samples=1,        # independent time/mask draws per held-out example (fixed keys)
@@ -126,6 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(t.num_steps > 0, "training.num_steps must be positive")
   for name in ("log_every", "eval_every", "checkpoint_every", "grad_accum"):
     _require(t[name] > 0, f"training.{name} must be positive, got {t[name]}")
+  _require(t.max_nonfinite_steps > 0,
+           f"training.max_nonfinite_steps must be positive, got {t.max_nonfinite_steps}")
   _require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
   _require(t.batch_size % t.grad_accum == 0,
            f"training.batch_size {t.batch_size} is not divisible by grad_accum {t.grad_accum}")

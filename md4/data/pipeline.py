@@ -81,6 +81,14 @@ def _documents_stream(tokenizer, texts: list[str]) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
 
 
+def _check_text(text: str, path: str) -> None:
+  """Refuses binary data read as text: more than 1% NUL bytes or bytes that are not UTF-8."""
+  bad = text.count("\x00") + text.count("\ufffd")
+  if bad > 0.01 * len(text):
+    raise ValueError(f"data.path {path} does not look like text: {bad} of its {len(text)} "
+                     "characters are NUL bytes or not UTF-8")
+
+
 def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
   """(train, held-out, description) for the text datasets: strings, or for GPT-2 on tfds lists
   of documents. With `alphabet` (char and bpe) the text is cleaned to the text8 alphabet and
@@ -99,6 +107,7 @@ def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
     if not path:
       raise ValueError("data.path must name a text file, directory or glob for 'text_files'")
     text = corpora.read_text_files(path)
+    _check_text(text, path)
     if alphabet:
       text = corpora.clean_text8(text)
     fraction = cfg.get("holdout_fraction", 0.1)
@@ -203,7 +212,7 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
   if dataset not in KNOWN_DATASETS:
     raise ValueError(f"Unknown dataset {dataset!r}; known: {list(KNOWN_DATASETS)}")
   eval_batch_size = eval_batch_size or batch_size
-  for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+  for name, size in (("training.batch_size", batch_size), ("eval.batch_size", eval_batch_size)):
     if size <= 0 or size % process_count:
       raise ValueError(f"{name} {size} is not a positive multiple of process_count {process_count}")
   if not 0 <= process_index < process_count:
@@ -250,7 +259,7 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
   if num_eval_batches == 0:
     raise ValueError(
       f"The held-out data of {desc} has {len(eval_src)} sequences of {seq_len} tokens, fewer "
-      f"than one eval batch of {eval_batch_size}; lower eval_batch_size or seq_len"
+      f"than one eval batch of {eval_batch_size}; lower eval.batch_size or seq_len"
     )
   eval_ds = process_batches(grain.MapDataset.source(eval_src).map(_as_example)
                             .slice(slice(0, num_eval_batches * eval_batch_size)),

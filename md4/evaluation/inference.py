@@ -84,6 +84,10 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
   check_reference_tokenizer(config, getattr(run.data, "tokenizer", None))
   known = known_mask = None
   if kind == "prompt":
+    length = len(run.data.tokenizer.encode(prompt))
+    if length >= config.seq_len:
+      raise ValueError(f"--prompt is {length} tokens long, not shorter than seq_len "
+                       f"{config.seq_len}: nothing would be left to generate")
     known, known_mask = infill.prompt(prompt, run.data.tokenizer, config.seq_len)
   elif kind == "infill":
     known, known_mask = infill.text_template(infill_text, run.data.tokenizer, config.seq_len)

@@ -1,82 +1,122 @@
 """Orbax checkpoints of the whole run: train state (params, optimizer, EMA, step) and data state.
 
 Saves are atomic (Orbax writes to a temporary directory and renames it), so a run killed during a
-save leaves the previous checkpoint intact. A checkpoint that fails to restore (corrupt or partial
-files) is reported and the next older one is tried.
+save leaves the previous checkpoint intact. The data iterators' positions are saved with grain's
+checkpoint handler: one file per process (`data/process_<i>-of-<n>.json`), so that every process
+resumes its own iterator. A checkpoint that fails to restore (corrupt or partial files) is
+reported and the next older one is tried; a training run moves the unreadable one aside
+(`restore_latest`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+UNREADABLE_DIR = "unreadable"  # <checkpoints>/unreadable/<step>: checkpoints moved aside
 
 
 class CheckpointError(RuntimeError):
   """No checkpoint in the directory could be restored."""
 
 
-class Checkpointer:
-  """Periodic checkpoints in `<workdir>/checkpoints`, newest `max_to_keep` kept."""
+def has_checkpoints(directory: str) -> bool:
+  """Whether `directory` holds at least one finished checkpoint (without creating anything)."""
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+
+class Checkpointer:
+  """Periodic checkpoints in `<workdir>/checkpoints`, newest `max_to_keep` kept.
+
+  `read_only` (eval and sample modes) creates nothing and moves nothing.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = epath.Path(directory).absolute()
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
+    self._manager.reload()
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict) -> None:
-    """Saves `state` (a pytree of arrays) and the data iterator's JSON state at `step`."""
+  def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    """Saves `state` (a pytree of arrays) and this process's data iterator position at `step`."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state))
+                              data=grain.checkpoint.CheckpointSave(data_iterator))
     self._manager.save(step, args=args, force=True)
 
-  def restore(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
-    """Restores checkpoint `step` into the structure, shapes and shardings of `abstract_state`."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore())
-    restored = self._manager.restore(step, args=args)
-    return restored.state, restored.data
+  def restore(self, abstract_state: Any, step: int, data_iterator: Any = None) -> Any:
+    """Checkpoint `step` in the structure, shapes and shardings of `abstract_state`; with
+    `data_iterator`, that iterator is also set to its saved position."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """Restores the newest readable checkpoint; None if there is none at all.
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
+                     ) -> tuple[int, Any] | None:
+    """(step, state) of the newest readable checkpoint; None if there is none at all.
 
-    A checkpoint that cannot be read is logged and skipped in favour of the previous one.
+    A checkpoint that cannot be read is skipped in favour of the previous one. Unless read-only,
+    the skipped ones are then moved to `<checkpoints>/unreadable/` (kept for inspection, out of
+    the way of the steps that will be saved again). If none can be read, nothing is moved.
     """
-    steps = self.all_steps()
+    steps, skipped = self.all_steps(), []
     for step in reversed(steps):
       try:
-        state, data_state = self.restore(abstract_state, step)
+        state = self.restore(abstract_state, step, data_iterator)
       except Exception as e:  # noqa: BLE001 - any failure to read means "unusable checkpoint"
-        logging.warning("checkpoint at step %d in %s is corrupt or partial (%s: %s); "
-                        "trying the previous one", step, self.directory, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        skipped.append((step, reason))
         continue
-      return step, state, data_state
+      for bad, reason in skipped:
+        self._set_aside(bad, reason, step)
+      return step, state
     if steps:
-      raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be read")
+      raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be read "
+                            f"(step {skipped[0][0]}: {skipped[0][1]})")
     return None
 
+  def _set_aside(self, step: int, reason: str, fallback: int) -> None:
+    """Logs (and unless read-only, moves aside) the unreadable checkpoint `step`."""
+    source = self.directory / str(step)
+    unreadable = f"checkpoint at step {step} ({source}) is corrupt or partial ({reason})"
+    if self.read_only:
+      logging.warning("%s; using step %d", unreadable, fallback)
+      return
+    target = self.directory / UNREADABLE_DIR / str(step)
+    suffix = 1
+    while target.exists():
+      target, suffix = self.directory / UNREADABLE_DIR / f"{step}.{suffix}", suffix + 1
+    multihost_utils.sync_global_devices(f"name the unreadable checkpoint {step}")
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      os.rename(source, target)
+    multihost_utils.sync_global_devices(f"moved the unreadable checkpoint {step}")
+    self._manager.reload()
+    logging.warning("%s; moved it to %s and resuming from step %d", unreadable, target, fallback)
+
   def wait(self) -> None:
-    """Blocks until asynchronous saves have finished."""
+    """Blocks until a save in flight has finished."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for a save in flight to finish, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) describing `tree`, for restoring into the same layout."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

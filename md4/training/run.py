@@ -1,9 +1,11 @@
 """The set-up every mode shares: config, mesh, data, method, optimizer, the train state's shapes
-and shardings, the jitted train / eval / sample steps, and the checkpointer."""
+and shardings, the jitted train / eval / sample steps, and the checkpointer; and the resume
+guard, which keeps a workdir's model, data and tokenizer those of its saved config.json."""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from typing import Any
@@ -22,6 +24,68 @@ from md4.training.step import init_state, train_step
 
 TOKENIZER_FILE = "tokenizer.json"  # a run's learned tokenizer (data.tokenizer=bpe), in its workdir
 
+# Config fields that make the checkpoint what it is (model, tokenizer, optimizer state): fixed for
+# a workdir in every mode. A key ending in "." stands for all the fields below it.
+MODEL_FIELDS = ("model_type", "seq_len", "vocab_size", "image_shape", "model.", "diffusion.",
+                "ggm.", "unet.", "blackout.", "data.tokenizer", "data.tokenizer_path",
+                "optimizer.name")
+# Also fixed when training resumes: what decides the data stream (except how it is read).
+DATA_FIELDS = ("seed", "training.batch_size", "data.")
+READ_FIELDS = ("data.read_threads", "data.prefetch")
+
+
+def _matches(key: str, fields: tuple[str, ...]) -> bool:
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
+
+
+def _flat(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  """Dot-keyed leaves of a config, as config.json writes them (tuples as lists)."""
+  items = config.items() if isinstance(config, dict) else config.to_dict().items()
+  flat = {}
+  for key, value in items:
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = json.loads(json.dumps(value, default=str))
+  return flat
+
+
+def _refuse(workdir: str, fixed: dict[str, tuple[Any, Any]], mode: str) -> None:
+  if fixed:
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(fixed.items()))
+    raise config_lib.ConfigError(
+        f"config: {workdir} holds a run with other settings that cannot change on {mode}: "
+        f"{listed}; keep the saved values (config.json) or use a new workdir")
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
+  """The resume guard of mode=train: {key: (saved, new)} of the changed fields.
+
+  Only a workdir with checkpoints and a config.json is checked. A change to a field of the
+  model, data or tokenizer (MODEL_FIELDS, DATA_FIELDS) raises ConfigError naming every such
+  key; other changes (learning rate, step count, intervals, ...) are returned, to be recorded.
+  """
+  if not (checkpoints.has_checkpoints(os.path.join(workdir, "checkpoints"))
+          and os.path.exists(os.path.join(workdir, "config.json"))):
+    return {}
+  saved, new = _flat(config_lib.load(workdir)), _flat(config)
+  changed = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+  _refuse(workdir, {k: d for k, d in changed.items() if _matches(k, MODEL_FIELDS + DATA_FIELDS)
+                    and not _matches(k, READ_FIELDS)}, "resume")
+  return changed
+
+
+def inference_config(workdir: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The config of mode=eval and mode=sample: the workdir's config.json with the command line's
+  `overrides` (flat keys) applied; one that changes a MODEL_FIELDS field raises ConfigError."""
+  config = config_lib.load(workdir)
+  saved = _flat(config)
+  given = {k: json.loads(json.dumps(v, default=str)) for k, v in overrides.items()}
+  _refuse(workdir, {k: (saved.get(k), v) for k, v in given.items()
+                    if _matches(k, MODEL_FIELDS) and saved.get(k) != v}, "eval or sample")
+  config.update_from_flattened_dict(overrides)
+  return config
+
 
 class Run:
   """Everything a mode needs: config, mesh, data, method, optimizer, jitted steps.
@@ -30,7 +94,8 @@ class Run:
   checkpoint depend on the config alone.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True,
+               read_only: bool = False):
     config_lib.validate(config)
     self.config, self.workdir = config, workdir
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -55,7 +120,8 @@ class Run:
     self.init_rng, self.train_rng, self.eval_rng, self.sample_rng = jax.random.split(
         jax.random.key(config.seed), 4)
     self.checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                                   max_to_keep=config.training.keep_checkpoints)
+                                                 max_to_keep=config.training.keep_checkpoints,
+                                                 read_only=read_only)
 
     # The train state: params, optimizer moments, EMA params and the step. Shapes first, then the
     # shardings (FSDP where large), then the real thing materialised directly in that layout.
@@ -82,13 +148,12 @@ class Run:
     self.sample_step = jax.jit(self.method.sample, static_argnums=2)
 
   def restore_or_init(self) -> tuple[dict, int]:
-    """The newest readable checkpoint of the workdir, or a fresh state at step 0."""
-    restored = self.checkpointer.restore_latest(self.abstract_state)
+    """The newest readable checkpoint of the workdir (with the data iterator set to its saved
+    position), or a fresh state at step 0."""
+    restored = self.checkpointer.restore_latest(self.abstract_state, self.data.train)
     if restored is None:
       return self._init_state(self.init_rng), 0
-    step, state, data_state = restored
-    if self.data is not None:
-      self.data.train.set_state(data_state)
+    step, state = restored
     logging.info("resumed from the checkpoint at step %d", step)
     return state, step
 
@@ -107,10 +172,14 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
   The restore depends on the config's model only, so `config.data` may name any dataset with
   the same vocabulary (zero-shot evaluation); `with_data=False` reads no data at all.
   """
-  run = Run(config, workdir, with_data=with_data)
+  directory = os.path.join(workdir, "checkpoints")
+  missing = checkpoints.CheckpointError(f"no checkpoint in {os.path.abspath(directory)}; "
+                                        "train first (--mode=train)")
+  if not checkpoints.has_checkpoints(directory):  # before anything is read or written
+    raise missing
+  run = Run(config, workdir, with_data=with_data, read_only=True)
   restored = run.checkpointer.restore_latest(run.abstract_state)
   if restored is None:
-    raise checkpoints.CheckpointError(f"no checkpoint in {run.checkpointer.directory}; "
-                                        "train first (--mode=train)")
-  step, state, _ = restored
+    raise missing
+  step, state = restored
   return run, state, step
