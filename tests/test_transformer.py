@@ -254,3 +254,42 @@ def test_bfloat16_head_is_a_float32_product_of_the_same_activations():
   expected = jnp.einsum("bld,dv->blv", x.astype(jnp.float32), kernel,
                         precision=jax.lax.Precision.HIGHEST) + params["head"]["bias"]
   np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=2e-5)
+
+
+@pytest.mark.slow  # ~3 min on a shared 2-core machine (many small compiles)
+def test_padded_vocabulary_changes_no_nelbo_and_no_sample():
+  from md4 import config_lib, methods
+
+  def method(pad):
+    c = config_lib.base()
+    c.seq_len = 16
+    c.model.update(width=32, depth=1, num_heads=2, pad_vocab_to=pad)
+    c.diffusion.head_fraction = 0.5
+    c.sampling.num_steps = 8
+    return methods.create(c, 27)
+
+  plain, padded = method(1), method(128)
+  flat, unravel = ravel_pytree(plain.init(jax.random.key(0)))
+  params = unravel(flat + 0.1 * jax.random.normal(jax.random.key(1), flat.shape))
+  # The same function with zero rows / columns appended to the vocabulary axes.
+  pad = lambda x, axis: jnp.pad(x, [(0, 128 * -(-x.shape[axis] // 128) - x.shape[axis])
+                                    if a == axis else (0, 0) for a in range(x.ndim)])
+  padded_params = {**params, "embed": {"embedding": pad(params["embed"]["embedding"], 0)},
+                   "head": {"kernel": pad(params["head"]["kernel"], 1),
+                            "bias": pad(params["head"]["bias"], 0)}}
+  assert padded_params["head"]["kernel"].shape == (32, 128)
+  assert jax.tree.map(jnp.shape, padded_params) == jax.tree.map(
+      jnp.shape, jax.eval_shape(padded.init, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, 27)
+  rng = jax.random.key(3)
+  for fn in ("evaluate", "loss"):  # full head, and the masked-position head (head_fraction)
+    a = jax.jit(getattr(plain, fn))(params, tokens, rng)
+    b = jax.jit(getattr(padded, fn))(padded_params, tokens, rng)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), a, b)
+  sample = lambda m, p: jax.jit(m.sample, static_argnums=2)(p, jax.random.key(4), 8)
+  np.testing.assert_array_equal(sample(plain, params), sample(padded, padded_params))
+  # The padded columns are -inf and never drawn.
+  logits = padded.model.apply({"params": padded_params}, tokens, jnp.full((8,), 0.5))
+  assert logits.shape == (8, 16, 128) and bool(jnp.all(logits[..., 27:] == -jnp.inf))
+  draws = jax.random.categorical(jax.random.key(5), logits, shape=(64, 8, 16))
+  assert int(draws.max()) < 27

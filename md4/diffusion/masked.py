@@ -60,13 +60,16 @@ def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, ma
   valid = jnp.arange(head_capacity) < counts[:, None]  # [G, C]
   targets = jnp.take_along_axis(x.reshape(head_groups, -1), index, axis=1)
 
+  # The row (within its group) of each gathered position, as a one-hot [G, C, B / G]: summing
+  # per row by a contraction keeps the sum local to each group, where a scatter would not be.
+  rows = jax.nn.one_hot(index // z.shape[1], z.shape[0] // head_groups, dtype=jnp.float32)
+
   def from_gathered(logits: Array) -> Array:
     log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     log_mu_x = jnp.take_along_axis(log_mu, targets[..., None], axis=-1)[..., 0]
-    groups = jnp.arange(head_groups)[:, None]
-    per_position = jnp.zeros(group_masked.shape).at[groups, index].add(
-        jnp.where(valid, log_mu_x, 0.0))
-    return per_position.reshape(z.shape).sum(axis=-1)
+    per_row = jnp.einsum("gc,gcr->gr", jnp.where(valid, log_mu_x, 0.0), rows,
+                         precision=jax.lax.Precision.HIGHEST)
+    return per_row.reshape(-1)
 
   def reduce(head: Callable) -> Array:
     return jax.lax.cond(jnp.max(counts) <= head_capacity, lambda: from_gathered(head(index)),

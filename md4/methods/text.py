@@ -99,7 +99,9 @@ class MD4:
 
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     s = self.config.sampling
-    return masked.sample(network_fn(self.model, params, None, False), rng, self.schedule,
+    # Samplers draw from the V real columns (the Gumbel noise has the unpadded shape).
+    return masked.sample(network_fn(self.model, params, None, False, padded=False), rng,
+                         self.schedule,
                          batch_size=batch_size, seq_len=self.config.seq_len,
                          vocab_size=self.vocab_size, num_steps=s.num_steps,
                          top_p=s.top_p or None, temperature=s.temperature, grid=s.grid,
@@ -238,7 +240,7 @@ class AR:
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     """Left to right, one full forward pass per position (no KV cache: a reference model)."""
     s, seq_len = self.config.sampling, self.config.seq_len
-    logits_fn = network_fn(self.model, params, None, False)
+    logits_fn = network_fn(self.model, params, None, False, padded=False)
     tokens = masked.initial_state(batch_size, seq_len, 0, known, known_mask)
     fixed = jnp.zeros(tokens.shape, bool) if known_mask is None else jnp.broadcast_to(
         known_mask, tokens.shape)
