@@ -136,13 +136,32 @@ mkdir -p $MOUNT && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir
 mkdir -p data/owt && gcloud storage cp -r 'gs://$BUCKET/data/owt/*' data/owt/"
 }
 
+# libtpu flags that overlap communication with compute (the step is GSPMD-partitioned, so FSDP's
+# weight all-gathers and the gradient reduce-scatters are XLA collectives):
+#   latency_hiding_scheduler   schedules each collective early enough to hide it behind matmuls
+#   async_collective_fusion*   runs all-gathers / reduce-scatters asynchronously, fused with the
+#                              compute that produces or consumes them, across loop steps too
+#   overlap_compute_collective_tc  lets the TensorCore compute while collectives are in flight
+#   data_parallel_all_reduce_opt / enable_async_all_reduce  asynchronous gradient all-reduces
+# A user's LIBTPU_INIT_ARGS on the worker comes after them (later flags win).
+TPU_FLAGS="--xla_tpu_enable_latency_hiding_scheduler=true \
+--xla_tpu_enable_async_collective_fusion=true \
+--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true \
+--xla_tpu_overlap_compute_collective_tc=true \
+--xla_tpu_enable_data_parallel_all_reduce_opt=true \
+--xla_tpu_data_parallel_opt_different_sized_ops=true \
+--xla_enable_async_all_reduce=true"
+
 train() {
   local args=(--config="$CONFIG" --distributed=on "${OVERRIDES[@]}")
   local quoted
   quoted="$(printf '%q ' "${args[@]}")"
   # The same command on every worker; JAX finds the slice's workers from the TPU metadata.
-  on_workers all "cd \$HOME/md4 && nohup .venv/bin/python main.py --workdir=$WORKDIR ${quoted% } \
-> $LOG 2>&1 &
+  # Checkpoints are saved asynchronously (Orbax, md4/training/checkpoints.py): the step goes on
+  # while each worker writes its shards.
+  on_workers all "cd \$HOME/md4 && LIBTPU_INIT_ARGS=\"$TPU_FLAGS \${LIBTPU_INIT_ARGS:-}\" \
+nohup .venv/bin/python main.py --workdir=$WORKDIR ${quoted% } > $LOG 2>&1 &
 echo \$! > $PID"
 }
 

@@ -50,6 +50,9 @@ def base() -> ml_collections.ConfigDict:
       norm="layernorm",  # layernorm | rmsnorm
       time_conditioning=True, remat=False,
   ))
+  # The accelerator path (docs/scaling.md): attention backend and vocabulary padding.
+  c.model.attention = "auto"  # auto | xla | cudnn | splash | cpu (md4/networks/attention.py)
+  c.model.pad_vocab_to = -1  # vocab axes padded to a multiple: -1 = 128 above 1024 tokens; 1 = off
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="linear",
       num_steps=0,         # 0: continuous-time NELBO; T > 0: discrete time with T steps
@@ -122,6 +125,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(m.mlp in ("swiglu", "relu2"), f"model.mlp must be swiglu or relu2, got {m.mlp!r}")
   _require(m.norm in ("layernorm", "rmsnorm"),
            f"model.norm must be layernorm or rmsnorm, got {m.norm!r}")
+  _one_of("model.attention", m.attention, ("auto", "xla", "cudnn", "splash", "cpu"))
+  _require(m.pad_vocab_to == -1 or m.pad_vocab_to >= 1,
+           f"model.pad_vocab_to must be -1 (auto) or at least 1, got {m.pad_vocab_to}")
   _require(m.width % m.num_heads == 0 and (m.width // m.num_heads) % 2 == 0,
            f"model.width {m.width} must split into num_heads {m.num_heads} heads of even size")
   _require(not (config.model_type == "ar" and m.time_conditioning),

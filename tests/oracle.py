@@ -47,16 +47,22 @@ def masked_conditional_table(p: np.ndarray) -> np.ndarray:
 
 
 def masked_oracle(p: np.ndarray):
-  """logits_fn(z, t, head_index=None) returning the exact conditionals (independent of t)."""
+  """logits_fn(z, t, head_index=None, head_reduce=None): the exact conditionals (independent of
+  t); head_index and head_reduce as md4.networks.transformer.Transformer takes them."""
   table = jnp.asarray(masked_conditional_table(p))
   base = p.shape[0] + 1
 
-  def logits_fn(z, t, head_index=None):
+  def logits_fn(z, t, head_index=None, head_reduce=None):
     del t
     logits = table[state_index(z, base)]  # [B, L, V]
-    if head_index is None:
-      return logits
-    return logits.reshape(-1, logits.shape[-1])[head_index]
+
+    def head(index):  # index: int[G, C] into G groups of consecutive rows, or None
+      if index is None:
+        return logits
+      groups = logits.reshape(index.shape[0], -1, logits.shape[-1])
+      return jnp.take_along_axis(groups, index[..., None], axis=1)
+
+    return head(head_index) if head_reduce is None else head_reduce(head)
 
   return logits_fn
 

@@ -161,5 +161,93 @@ def test_bfloat16_keeps_float32_state_and_loss(measured):
   assert 0 < rel.max() < 2e-2, rel
 
 
+LOCAL_MESHES = [(8, 1), (4, 2)]
+
+
+def accel_config(model_type: str):
+  c = tiny_config()
+  c.model_type = model_type
+  c.diffusion.head_fraction = 0.5  # md4: the masked-position head
+  c.ggm.sweeps = 1
+  return c
+
+
+def measure_local() -> dict:
+  """Collectives of compiled MD4 (masked-position head) and GGM steps on LOCAL_MESHES, and
+  grad_accum=2 gradients on 8 devices against one device."""
+  from md4.tools import bench
+  from md4.training.step import accumulated_grads, mesh_context
+  out = {"collectives": {}}
+  for model_type in ("md4", "ggm"):
+    for data, fsdp in LOCAL_MESHES:
+      config = accel_config(model_type)
+      config.mesh.update(data=data, fsdp=fsdp)
+      compiled, abstract = bench.compile_train_step(config)
+      largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["params"]))
+      out["collectives"][f"{model_type} {data}x{fsdp}"] = {
+          "ops": bench.collectives(compiled.as_text()), "largest_param_bytes": largest}
+  config = accel_config("md4")
+  config.training.grad_accum = 2
+  method = methods.create(config, config.vocab_size)
+  params = method.init(jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(0, 27, (16, config.seq_len), np.int32)
+  grads_fn = functools.partial(accumulated_grads, method=method, accum=2)
+  ref_grads, ref_metrics = jax.jit(grads_fn)(params, tokens, jax.random.key(1))
+  mesh = sharding.make_mesh(8, 1)
+
+  def sharded(params, tokens, rng):
+    with mesh_context(mesh):
+      return grads_fn(params, tokens, rng)
+
+  step = jax.jit(sharded)
+  args = (jax.device_put(params, sharding.replicated(mesh)),
+          sharding.global_batch(mesh, {"tokens": tokens})["tokens"], jax.random.key(1))
+  grads, metrics = step(*args)
+  out["accum"] = {
+      "loss": [float(ref_metrics["loss"]), float(metrics["loss"])],
+      "max_grad_diff": max(float(np.abs(a - b).max()) for a, b in zip(
+          jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True)),
+      "max_grad": max(float(np.abs(a).max()) for a in jax.tree.leaves(ref_grads)),
+      "ops": bench.collectives(step.lower(*args).compile().as_text())}
+  return out
+
+
+@pytest.fixture(scope="module")
+def local():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-m", "tests.test_sharding", "local"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+MOVES = ("all-gather", "all-to-all", "collective-permute")  # collectives that move activations
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [f"{m} {d}x{f}" for m in ("md4", "ggm") for d, f in LOCAL_MESHES])
+def test_compiled_steps_gather_no_activations(local, name):
+  # The tiny model's parameters stay replicated (below the FSDP threshold of 2**18 elements), so
+  # any all-gather, all-to-all or permute would move activations: there must be none, only the
+  # gradients' (and the capacity test's) all-reduces. A gather over flat indices into B * L
+  # (the old head) all-gathers its [B * L, D] operand here.
+  m = local["collectives"][name]
+  moved = [op for op in m["ops"] if op["kind"] in MOVES]
+  assert moved == [], moved
+  assert {op["kind"] for op in m["ops"]} <= {"all-reduce"}
+
+
+@pytest.mark.slow
+def test_grad_accum_on_8_devices_equals_one_device_without_moving_data(local):
+  a = local["accum"]
+  np.testing.assert_allclose(a["loss"][1], a["loss"][0], rtol=1e-6)
+  assert a["max_grad_diff"] < 1e-6 * max(1.0, a["max_grad"]), a
+  # Each micro-batch is the strided rows i, i + 2, ... of every device's block: pinned to all 8
+  # devices by the constraint, and nothing but the gradients' all-reduce crosses devices.
+  kinds = {op["kind"] for op in a["ops"]}
+  assert kinds == {"all-reduce"}, a["ops"]
+
+
 if __name__ == "__main__":
-  print(json.dumps(measure()))
+  print(json.dumps(measure_local() if sys.argv[1:] == ["local"] else measure()))

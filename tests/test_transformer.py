@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
-from md4.networks.transformer import Transformer, attention, count_params
+from md4.networks.transformer import Transformer, count_params
 
 V, B, L = 5, 3, 8
 CONFIG = dict(vocab_size=V, num_embeddings=V + 1, width=32, depth=2, num_heads=4)
@@ -59,13 +59,36 @@ def param_shapes(**overrides):
 def test_output_shapes_and_head_index_gathers_the_full_output(base):
   params, apply, full = base
   assert full.shape == (B, L, V) and full.dtype == jnp.float32
-  flat = full.reshape(B * L, V)
-  for head_index in [jnp.arange(B) * L + jnp.array([2, 7, 0]),  # one position per example: [B]
-                     jnp.array([23, 0, 5, 5, 17]),  # anywhere in the batch: [C]
-                     jnp.array([[1, 9], [16, 4]])]:  # any index shape
-    out = apply(params, TOKENS, T, head_index)
-    assert out.shape == head_index.shape + (V,) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, flat[head_index], rtol=1e-5, atol=1e-5)
+  # One position per row: int[B] -> [B, V].
+  query = jnp.array([2, 7, 0])
+  np.testing.assert_allclose(apply(params, TOKENS, T, query), full[jnp.arange(B), query],
+                             rtol=1e-5, atol=1e-5)
+  # int[G, C]: flat positions within G groups of consecutive rows (G = 1: the whole batch,
+  # G = B: each row) -> [G, C, V].
+  for index in [jnp.array([[23, 0, 5, 5, 17]]), jnp.array([[1, 7], [0, 0], [6, 3]])]:
+    groups = index.shape[0]
+    out = apply(params, TOKENS, T, index)
+    expected = full.reshape(groups, -1, V)[jnp.arange(groups)[:, None], index]
+    assert out.shape == index.shape + (V,) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_reduce_runs_the_trunk_once_and_heads_agree(base):
+  params, _, full = base
+  model = Transformer(**CONFIG)
+  index = jnp.array([[1, 7], [0, 0], [6, 3]])
+  gathered, whole = model.apply({"params": params}, TOKENS, T,
+                                head_reduce=lambda head: (head(index), head(None)))
+  np.testing.assert_allclose(whole, full, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gathered, full[jnp.arange(B)[:, None], index], rtol=1e-5,
+                             atol=1e-5)
+  hlo = jax.jit(lambda p: model.apply({"params": p}, TOKENS, T, head_reduce=lambda head: (
+      jax.lax.cond(p["head"]["bias"][0] > 0, lambda: head(None)[:, :2],
+                   lambda: head(index))))).lower(params).as_text()
+  # The trunk is traced once, outside the cond: qkv, mlp_up and mlp_gate ([B, L, 96]) per block.
+  qkv = [line for line in hlo.splitlines()
+         if "dot_general" in line and line.rstrip().endswith(f"tensor<{B}x{L}x96xf32>")]
+  assert len(qkv) == 3 * CONFIG["depth"], qkv
 
 
 def test_count_params_and_mlp_width():
@@ -157,8 +180,9 @@ def test_without_time_conditioning_t_is_ignored():
   assert "modulation" not in params["block_0"] and "scale" in params["block_0"]["norm1"]
   out = apply(params, TOKENS, None)
   np.testing.assert_array_equal(out, apply(params, TOKENS, T))
-  idx = jnp.array([3, 20])
-  np.testing.assert_allclose(apply(params, TOKENS, None, idx), out.reshape(-1, V)[idx], atol=1e-5)
+  idx = jnp.array([[3, 20]])
+  np.testing.assert_allclose(apply(params, TOKENS, None, idx)[0], out.reshape(-1, V)[idx[0]],
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -216,16 +240,56 @@ def test_remat_gives_same_output_and_gradients(base):
   assert jnp.abs(grad_a["block_0"]["qkv"]["kernel"]).max() > 1e-3
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_cpu_attention_matches_dot_product_attention_values_and_gradients(causal):
-  q, k, v = jax.random.normal(jax.random.key(4), (3, 2, 16, 4, 8))  # [B, L, H, Dh] each
-  d_out = jax.random.normal(jax.random.key(5), q.shape)
+def test_bfloat16_head_is_a_float32_product_of_the_same_activations():
+  # Without time conditioning the head's input is the final norm's output (bfloat16 here).
+  model = Transformer(**CONFIG, dtype=jnp.bfloat16, time_conditioning=False)
+  params = init(model)
+  params = {**params, "head": {**params["head"], "kernel": 30.0 * params["head"]["kernel"]}}
+  logits, state = model.apply({"params": params}, TOKENS, None, capture_intermediates=True)
+  x = state["intermediates"]["final_norm"]["__call__"][0]
+  assert x.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  assert float(jnp.abs(logits).max()) > 5  # logits near 10, where bfloat16 steps are 0.06
+  # The float32 head on the same (bfloat16) activations and bfloat16-rounded weights.
+  kernel = params["head"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
+  expected = jnp.einsum("bld,dv->blv", x.astype(jnp.float32), kernel,
+                        precision=jax.lax.Precision.HIGHEST) + params["head"]["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=2e-5)
 
-  def value_and_vjp(fused):
-    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, causal, fused=fused), q, k, v)
-    return out, vjp(d_out)
 
-  (out, grads), (ref, ref_grads) = value_and_vjp(False), value_and_vjp(True)
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-  for g, r in zip(grads, ref_grads, strict=True):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+@pytest.mark.slow  # ~3 min on a shared 2-core machine (many small compiles)
+def test_padded_vocabulary_changes_no_nelbo_and_no_sample():
+  from md4 import config_lib, methods
+
+  def method(pad):
+    c = config_lib.base()
+    c.seq_len = 16
+    c.model.update(width=32, depth=1, num_heads=2, pad_vocab_to=pad)
+    c.diffusion.head_fraction = 0.5
+    c.sampling.num_steps = 8
+    return methods.create(c, 27)
+
+  plain, padded = method(1), method(128)
+  flat, unravel = ravel_pytree(plain.init(jax.random.key(0)))
+  params = unravel(flat + 0.1 * jax.random.normal(jax.random.key(1), flat.shape))
+  # The same function with zero rows / columns appended to the vocabulary axes.
+  pad = lambda x, axis: jnp.pad(x, [(0, 128 * -(-x.shape[axis] // 128) - x.shape[axis])
+                                    if a == axis else (0, 0) for a in range(x.ndim)])
+  padded_params = {**params, "embed": {"embedding": pad(params["embed"]["embedding"], 0)},
+                   "head": {"kernel": pad(params["head"]["kernel"], 1),
+                            "bias": pad(params["head"]["bias"], 0)}}
+  assert padded_params["head"]["kernel"].shape == (32, 128)
+  assert jax.tree.map(jnp.shape, padded_params) == jax.tree.map(
+      jnp.shape, jax.eval_shape(padded.init, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, 27)
+  rng = jax.random.key(3)
+  for fn in ("evaluate", "loss"):  # full head, and the masked-position head (head_fraction)
+    a = jax.jit(getattr(plain, fn))(params, tokens, rng)
+    b = jax.jit(getattr(padded, fn))(padded_params, tokens, rng)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), a, b)
+  sample = lambda m, p: jax.jit(m.sample, static_argnums=2)(p, jax.random.key(4), 8)
+  np.testing.assert_array_equal(sample(plain, params), sample(padded, padded_params))
+  # The padded columns are -inf and never drawn.
+  logits = padded.model.apply({"params": padded_params}, tokens, jnp.full((8,), 0.5))
+  assert logits.shape == (8, 16, 128) and bool(jnp.all(logits[..., 27:] == -jnp.inf))
+  draws = jax.random.categorical(jax.random.key(5), logits, shape=(64, 8, 16))
+  assert int(draws.max()) < 27

@@ -32,35 +32,50 @@ def mask_tokens(rng: Array, x: Array, keep_prob: Array, mask_id: int) -> Array:
 
 
 def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, mask_id: int,
-                           head_capacity: int | None) -> Array:
+                           head_capacity: int | None, head_groups: int = 1) -> Array:
   """Sum over masked positions of log mu(x_n): float[B].
 
-  With `head_capacity` C, the network is asked for logits only at the masked positions, as
-  `logits_fn(z, t, head_index)` with head_index: int[C] flat indices into B * L, returning
-  float[C, V]; if more than C positions are masked it falls back to the full output, so the
+  With `head_capacity` C the head runs only at masked positions. The batch is split into
+  `head_groups` G groups of consecutive rows (one per device when G is the number of batch
+  shards, so that every gather stays on its device; G = B is per row), and the network is called
+  as `logits_fn(z, t, head_reduce=reduce)`: it runs its trunk once and returns `reduce(head)`,
+  where `head(index)` gives float[G, C, V] logits at index: int[G, C] (flat positions within each
+  group's B / G * L tokens) and `head(None)` the full float[B, L, V]. If some group has more than
+  C masked positions the full head is taken instead (a `lax.cond` on the head alone), so the
   result is exact either way.
   """
   masked = z == mask_id
 
-  def full(_):
-    log_mu = jax.nn.log_softmax(logits_fn(z, t).astype(jnp.float32), axis=-1)
+  def from_full(logits: Array) -> Array:
+    log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     log_mu_x = jnp.take_along_axis(log_mu, x[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(masked, log_mu_x, 0.0), axis=-1)
 
   if head_capacity is None:
-    return full(None)
+    return from_full(logits_fn(z, t))
 
-  flat_masked = masked.reshape(-1)
+  group_masked = masked.reshape(head_groups, -1)  # [G, B / G * L]
+  index = jax.vmap(lambda m: jnp.nonzero(m, size=head_capacity, fill_value=0)[0])(group_masked)
+  counts = jnp.sum(group_masked, axis=1)
+  valid = jnp.arange(head_capacity) < counts[:, None]  # [G, C]
+  targets = jnp.take_along_axis(x.reshape(head_groups, -1), index, axis=1)
 
-  def gathered(_):
-    (index,) = jnp.nonzero(flat_masked, size=head_capacity, fill_value=0)
-    valid = jnp.arange(head_capacity) < jnp.sum(flat_masked)
-    log_mu = jax.nn.log_softmax(logits_fn(z, t, index).astype(jnp.float32), axis=-1)
-    log_mu_x = jnp.take_along_axis(log_mu, x.reshape(-1)[index][:, None], axis=-1)[:, 0]
-    per_position = jnp.zeros(flat_masked.shape).at[index].add(jnp.where(valid, log_mu_x, 0.0))
-    return per_position.reshape(z.shape).sum(axis=-1)
+  # The row (within its group) of each gathered position, as a one-hot [G, C, B / G]: summing
+  # per row by a contraction keeps the sum local to each group, where a scatter would not be.
+  rows = jax.nn.one_hot(index // z.shape[1], z.shape[0] // head_groups, dtype=jnp.float32)
 
-  return jax.lax.cond(jnp.sum(flat_masked) <= head_capacity, gathered, full, None)
+  def from_gathered(logits: Array) -> Array:
+    log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_mu_x = jnp.take_along_axis(log_mu, targets[..., None], axis=-1)[..., 0]
+    per_row = jnp.einsum("gc,gcr->gr", jnp.where(valid, log_mu_x, 0.0), rows,
+                         precision=jax.lax.Precision.HIGHEST)
+    return per_row.reshape(-1)
+
+  def reduce(head: Callable) -> Array:
+    return jax.lax.cond(jnp.max(counts) <= head_capacity, lambda: from_gathered(head(index)),
+                        lambda: from_full(head(None)))
+
+  return logits_fn(z, t, head_reduce=reduce)
 
 
 def mask_exactly(rng: Array, x: Array, counts: Array, mask_id: int) -> Array:
@@ -70,7 +85,8 @@ def mask_exactly(rng: Array, x: Array, counts: Array, mask_id: int) -> Array:
 
 
 def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, vocab_size: int,
-          num_steps: int = 0, head_capacity: int | None = None, estimator: str = "time") -> Array:
+          num_steps: int = 0, head_capacity: int | None = None, head_groups: int = 1,
+          estimator: str = "time") -> Array:
   """Negative ELBO in nats per sequence: float[B] (an unbiased one-sample estimate per row).
 
   Args:
@@ -80,7 +96,7 @@ def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, voca
     schedule: masking schedule.
     vocab_size: V; the mask id is V.
     num_steps: 0 for the continuous-time NELBO, T > 0 for the discrete-time one.
-    head_capacity: optional; see `_masked_log_likelihood`.
+    head_capacity, head_groups: optional; see `_masked_log_likelihood`.
     estimator: "time" draws t (antithetic over the batch) and masks each token with
       probability 1 - alpha(t). "count", for networks that ignore t, draws the number of masked
       tokens k (stratified over 1..L across the batch), masks exactly k positions and weights
@@ -114,7 +130,8 @@ def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, voca
     z = mask_tokens(mask_rng, x, alpha_t, vocab_size)
     # Tokens still masked at t = 0 are bounded by the uniform code length log V.
     reconstruction = seq_len * (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(vocab_size)
-  log_likelihood = _masked_log_likelihood(logits_fn, z, t, x, vocab_size, head_capacity)
+  log_likelihood = _masked_log_likelihood(logits_fn, z, t, x, vocab_size, head_capacity,
+                                          head_groups)
   return weight * log_likelihood + reconstruction
 
 

@@ -14,27 +14,48 @@ import ml_collections
 from md4.diffusion import genmd4, glauber, masked
 from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.schedules import get_schedule
-from md4.networks import DTYPES, apply_fn
+from md4.networks import DTYPES, apply_fn, partitioning
 from md4.networks.transformer import Transformer
 
 Array = jnp.ndarray
+
+AUTO_PAD_VOCAB = (1024, 128)  # pad_vocab_to=-1: vocabularies above 1024 padded to 128s
+
+
+def pad_multiple(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+  """The multiple the head's and embedding's vocabulary axes are padded to (1: none)."""
+  multiple = config.model.pad_vocab_to
+  if multiple == -1:
+    threshold, multiple = AUTO_PAD_VOCAB
+    return multiple if vocab_size > threshold else 1
+  return max(multiple, 1)
 
 
 def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
                       num_embeddings: int, causal: bool = False) -> Transformer:
   m = config.model
-  return Transformer(vocab_size=vocab_size, num_embeddings=num_embeddings, width=m.width,
+  multiple = pad_multiple(config, vocab_size)
+  round_up = lambda n: multiple * math.ceil(n / multiple)
+  return Transformer(vocab_size=vocab_size, num_embeddings=round_up(num_embeddings),
+                     padded_vocab=round_up(vocab_size), width=m.width,
                      depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                      dropout=m.dropout, dtype=DTYPES[m.dtype],
                      matmul_dtype=DTYPES[m.matmul_dtype] if m.matmul_dtype else None,
                      time_conditioning=m.time_conditioning, causal=causal, remat=m.remat,
-                     mlp=m.mlp, norm=m.norm)
+                     mlp=m.mlp, norm=m.norm, attention=m.attention)
 
 
-def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool) -> Callable:
-  """The `logits_fn(tokens, t, head_index=None)` callable of a transformer and its params."""
+def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool,
+               padded: bool = True) -> Callable:
+  """The `logits_fn(tokens, t, head_index=None, head_reduce=None)` callable of a transformer and
+  its params. Its logits have the padded vocabulary (pad columns -inf) unless `padded` is False,
+  for methods that combine logits with per-token arrays of size V."""
   net = apply_fn(model, params, rng, train)
-  return lambda tokens, t, head_index=None: net(tokens, t, head_index=head_index)
+  if padded or model.padded_vocab in (None, model.vocab_size):
+    return lambda tokens, t, head_index=None, head_reduce=None: net(
+        tokens, t, head_index=head_index, head_reduce=head_reduce)
+  return lambda tokens, t, head_index=None: net(tokens, t, head_index=head_index)[
+      ..., :model.vocab_size]
 
 
 @dataclasses.dataclass
@@ -58,12 +79,14 @@ class MD4:
 
   def _nelbo(self, params, tokens, rng, train):
     net_rng, diffusion_rng = jax.random.split(rng)
-    capacity = None
+    # The masked-position head gathers within each device's rows (one group per batch shard).
+    capacity, groups = None, partitioning.batch_shards(tokens.shape[0])
     if self.config.diffusion.head_fraction < 1.0:
-      capacity = math.ceil(self.config.diffusion.head_fraction * tokens.size)
+      capacity = math.ceil(self.config.diffusion.head_fraction * tokens.size / groups)
     return masked.nelbo(network_fn(self.model, params, net_rng, train), tokens, diffusion_rng,
                         self.schedule, vocab_size=self.vocab_size,
                         num_steps=self.config.diffusion.num_steps, head_capacity=capacity,
+                        head_groups=groups,
                         estimator=self.config.diffusion.train_estimator if train else "time")
 
   def loss(self, params, tokens, rng, train=True):
@@ -76,7 +99,9 @@ class MD4:
 
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     s = self.config.sampling
-    return masked.sample(network_fn(self.model, params, None, False), rng, self.schedule,
+    # Samplers draw from the V real columns (the Gumbel noise has the unpadded shape).
+    return masked.sample(network_fn(self.model, params, None, False, padded=False), rng,
+                         self.schedule,
                          batch_size=batch_size, seq_len=self.config.seq_len,
                          vocab_size=self.vocab_size, num_steps=s.num_steps,
                          top_p=s.top_p or None, temperature=s.temperature, grid=s.grid,
@@ -97,7 +122,7 @@ class GenMD4(MD4):
   def _losses(self, params, tokens, rng, train):
     net_rng, diffusion_rng = jax.random.split(rng)
     w = jax.nn.softplus(params["w_raw"])
-    logits_fn = network_fn(self.model, params["net"], net_rng, train)
+    logits_fn = network_fn(self.model, params["net"], net_rng, train, padded=False)
     return genmd4.loss(logits_fn, tokens, diffusion_rng, w, vocab_size=self.vocab_size), w
 
   def loss(self, params, tokens, rng, train=True):
@@ -113,7 +138,7 @@ class GenMD4(MD4):
 
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     s = self.config.sampling
-    return genmd4.sample(network_fn(self.model, params["net"], None, False), rng,
+    return genmd4.sample(network_fn(self.model, params["net"], None, False, padded=False), rng,
                          jax.nn.softplus(params["w_raw"]), batch_size=batch_size,
                          seq_len=self.config.seq_len, vocab_size=self.vocab_size,
                          num_steps=s.num_steps, top_p=s.top_p or None,
@@ -124,16 +149,14 @@ def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: boo
                   num_steps: int) -> Callable:
   """GGM adapter: logits_fn(x_in, t) -> float[B, V], the head only at the queried position.
 
-  The queried position is the one holding the query id V; the step t in 0..T-1 reaches the
-  network as the time t / T in [0, 1).
+  The queried position is the one holding the query id V (a per-row gather, local to each
+  device); the step t in 0..T-1 reaches the network as the time t / T in [0, 1).
   """
-  base = network_fn(model, params, rng, train)
+  base = network_fn(model, params, rng, train, padded=False)
 
   def logits_fn(x_in: Array, t: Array) -> Array:
-    batch, seq_len = x_in.shape
-    query = jnp.argmax(x_in == model.vocab_size, axis=1)
-    head_index = jnp.arange(batch) * seq_len + query
-    return base(x_in, t.astype(jnp.float32) / num_steps, head_index=head_index)
+    query = jnp.argmax(x_in == model.vocab_size, axis=1)  # int[B]
+    return base(x_in, t.astype(jnp.float32) / num_steps, head_index=query)
 
   return logits_fn
 
@@ -217,7 +240,7 @@ class AR:
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     """Left to right, one full forward pass per position (no KV cache: a reference model)."""
     s, seq_len = self.config.sampling, self.config.seq_len
-    logits_fn = network_fn(self.model, params, None, False)
+    logits_fn = network_fn(self.model, params, None, False, padded=False)
     tokens = masked.initial_state(batch_size, seq_len, 0, known, known_mask)
     fixed = jnp.zeros(tokens.shape, bool) if known_mask is None else jnp.broadcast_to(
         known_mask, tokens.shape)

@@ -14,6 +14,9 @@ and accumulates in float32, the outputs keeping the input's dtype: mixed precisi
 float32 matmuls by default. On CPUs with AMX (Sapphire Rapids and later) XLA:CPU's library runs
 these products about 3x faster than float32 ones. Its fast path takes x^T dy only with two or
 more token axes, so a 2-D x gets a leading axis of one.
+
+`out_dtype=float32` returns the float32 accumulator itself instead of rounding it to x's dtype:
+the output head of a bfloat16 model uses it, so that its logits carry float32 precision.
 """
 
 from __future__ import annotations
@@ -47,29 +50,35 @@ def _contract_last(a: Array, b: Array, b_axis: int, out_dtype: Any = None) -> Ar
                          preferred_element_type=out_dtype)
 
 
-def matmul(x: Array, w: Array, operand_dtype: Any = None) -> Array:
-  """x[..., K] @ w[K, N] -> [..., N] in x's dtype; operands in `operand_dtype` if given."""
-  return _matmul(x, w, operand_dtype, w.dtype)
+def matmul(x: Array, w: Array, operand_dtype: Any = None, out_dtype: Any = None) -> Array:
+  """x[..., K] @ w[K, N] -> [..., N] in `out_dtype` (default x's dtype); operands in
+  `operand_dtype` if given, accumulated in float32."""
+  out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+  if out_dtype != x.dtype and operand_dtype is None:
+    operand_dtype = x.dtype
+  if (operand_dtype is not None and jnp.dtype(operand_dtype) == jnp.float32
+      and x.dtype == w.dtype == out_dtype == jnp.float32):
+    operand_dtype = None  # plain float32: the fast-gradient path below
+  return _matmul(x, w, operand_dtype, (w.dtype, x.dtype, out_dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x: Array, w: Array, operand_dtype: Any, w_dtype: Any) -> Array:
-  return _matmul_fwd(x, w, operand_dtype, w_dtype)[0]
+def _matmul(x: Array, w: Array, operand_dtype: Any, dtypes: tuple) -> Array:
+  return _matmul_fwd(x, w, operand_dtype, dtypes)[0]
 
 
 def _matmul_fwd(x: Array, w: Array, operand_dtype: Any,
-                w_dtype: Any) -> tuple[Array, tuple[Array, Array]]:
-  del w_dtype
+                dtypes: tuple) -> tuple[Array, tuple[Array, Array]]:
   if operand_dtype is None:
     return _contract_last(x, w, 0), (x, w)
   xo, wo = x.astype(operand_dtype), w.astype(operand_dtype)
-  return _contract_last(xo, wo, 0, jnp.float32).astype(x.dtype), (xo, wo)
+  return _contract_last(xo, wo, 0, jnp.float32).astype(dtypes[2]), (xo, wo)
 
 
-def _matmul_bwd(operand_dtype: Any, w_dtype: Any, residuals: tuple[Array, Array],
+def _matmul_bwd(operand_dtype: Any, dtypes: tuple, residuals: tuple[Array, Array],
                 dy: Array) -> tuple[Array, Array]:
   x, w = residuals  # in operand_dtype when it is given
-  x_dtype = dy.dtype  # the output's dtype is x's
+  w_dtype, x_dtype, _ = dtypes
   tokens = tuple(range(x.ndim - 1))
   if operand_dtype is not None:
     dy = dy.astype(operand_dtype)

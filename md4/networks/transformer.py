@@ -5,10 +5,12 @@ squared-ReLU MLP, LayerNorm or RMSNorm, and adaLN-Zero time conditioning (DiT st
 sinusoidal embedding of t goes through an MLP to a vector c, and every block's norms are shifted
 and scaled, and its residual branches gated, by a zero-initialised projection of c, so that each
 block starts as the identity. Attention is
-bidirectional unless `causal`; on CPU it is an einsum softmax with a hand-written gradient (faster
-there than jax.nn.dot_product_attention, which is used on GPU/TPU). The output head can be
-evaluated at a few flattened positions only (`head_index`), which matters when the vocabulary is
-large and a loss needs few positions.
+bidirectional unless `causal`, computed by the backend `attention` picks for the platform
+(md4/networks/attention.py). The output head can be evaluated at a few positions of each row only
+(`head_index`), which matters when the vocabulary is large and a loss needs few positions; it
+multiplies in the activation dtype with float32 accumulation and returns float32 logits. Its
+vocabulary axis may be padded (`padded_vocab`, e.g. to a multiple of 128): the padded columns'
+logits are -inf, so no softmax, loss or sampler sees them.
 
 The module knows nothing of diffusion: it maps (tokens, t) to logits.
 """
@@ -24,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4.networks.matmul import dense_dot_general
+from md4.networks import partitioning
+from md4.networks.attention import attention
+from md4.networks.matmul import dense_dot_general, matmul
 
 Array = jax.Array
 
@@ -61,66 +65,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   cos = cos[:, None].astype(x.dtype)
   sin = sin[:, None].astype(x.dtype)
   return x * cos + rotated * sin
-
-
-def _probs(q: Array, k: Array, causal: bool) -> tuple[Array, Array]:
-  """Unnormalised attention weights p[B, H, Lq, Lk] (q.dtype) and their row sums (float32)."""
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-  if causal:
-    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, jnp.finfo(jnp.float32).min)
-  p = jnp.exp(s - s.max(axis=-1, keepdims=True))
-  return p.astype(q.dtype), p.sum(axis=-1, keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _softmax_attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
-  """softmax(q k^T) v on [B, H, L, Dh] (q already scaled), normalised after the second matmul."""
-  return _softmax_attention_fwd(q, k, v, causal)[0]
-
-
-def _softmax_attention_fwd(q, k, v, causal):
-  p, norm = _probs(q, k, causal)
-  out = (jnp.einsum("bhqk,bhkd->bhqd", p, v, preferred_element_type=jnp.float32) / norm
-         ).astype(q.dtype)
-  return out, (q, k, v, out, p, norm)
-
-
-def _softmax_attention_bwd(causal, residuals, d_out):
-  # With P = p / l: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q.
-  # Dividing dO by the row sums first avoids any extra pass over the [L, L] weights.
-  del causal
-  q, k, v, out, p, norm = residuals
-  d_out = d_out.astype(jnp.float32) / norm
-  delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_out = d_out.astype(q.dtype)
-  # dV and dK contract the query axis of both operands; forming their [Dh, L] transposes puts
-  # the [L, L] operand second, where XLA:CPU's library matmul takes it (attention's forward and
-  # backward together ~14% faster at L = 256).
-  dv = jnp.einsum("bhqd,bhqk->bhdk", d_out, p).swapaxes(-1, -2)
-  dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
-  ds = (p * (dp - delta)).astype(q.dtype)
-  dk = jnp.einsum("bhqd,bhqk->bhdk", q, ds).swapaxes(-1, -2)
-  return jnp.einsum("bhqk,bhkd->bhqd", ds, k), dk, dv
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
-def attention(q: Array, k: Array, v: Array, causal: bool = False,
-              fused: bool | None = None) -> Array:
-  """Multi-head attention on q, k, v [B, L, H, Dh] -> [B, L, H, Dh].
-
-  `fused` (default: on accelerators) calls jax.nn.dot_product_attention, which XLA or cuDNN
-  fuse; otherwise (default on CPU) a hand-written einsum softmax with a custom gradient runs,
-  which is about 1.5x faster there because it never normalises the [L, L] weights.
-  """
-  if fused is None:
-    fused = jax.default_backend() != "cpu"
-  if fused:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, Dh]
-  out = _softmax_attention(q * q.shape[-1] ** -0.5, k, v, causal)
-  return out.transpose(0, 2, 1, 3)
 
 
 def _dense(features: int, name: str, dtype: Any, matmul_dtype: Any = None,
@@ -166,6 +110,7 @@ class Block(nn.Module):
   matmul_dtype: Any
   mlp: str
   norm: str
+  attention: str
 
   @nn.compact
   def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array,
@@ -189,7 +134,7 @@ class Block(nn.Module):
     qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    h = attention(q, k, v, self.causal)
+    h = attention(q, k, v, self.causal, self.attention)
     h = dense(width, "attn_out")(h.reshape(batch, seq_len, width))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     x = x + (gate1[:, None] * h if self.time_conditioning else h)
@@ -208,13 +153,36 @@ class Block(nn.Module):
     return x + (gate2[:, None] * h if self.time_conditioning else h)
 
 
+class _HeadParams(nn.Module):
+  """The head's kernel [D, N] and bias [N] (zero-initialised, float32), applied by the caller."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, width: int) -> tuple[Array, Array]:
+    zeros = nn.initializers.zeros
+    return (self.param("kernel", zeros, (width, self.features), jnp.float32),
+            self.param("bias", zeros, (self.features,), jnp.float32))
+
+
+def gather_groups(x: Array, index: Array) -> Array:
+  """x[B, L, D] at index: int[G, C], flat positions within each of G equal groups of
+  consecutive rows (G = B: positions in each row) -> [G, C, D]; a gather local to each group."""
+  groups = x.reshape(index.shape[0], -1, x.shape[-1])
+  return jnp.take_along_axis(groups, index[..., None], axis=1)
+
+
 class Transformer(nn.Module):
   """Time-conditioned transformer: tokens int[B, L] (ids < num_embeddings), t float[B] -> logits.
 
-  Logits are float32[B, L, vocab_size], or head_index.shape + (vocab_size,) when `head_index`
-  (indices into the flattened B * L positions) is given. Parameters are always float32; `dtype`
-  sets the activation and matmul dtype; `matmul_dtype` (e.g. bfloat16 with float32 `dtype`)
-  only that of the dense layers' operands, which then accumulate in float32.
+  Logits are float32[B, L, N] with N = padded_vocab or vocab_size (columns >= vocab_size are
+  -inf). With `head_index` they are [B, N] at one position per row (int[B]), or [G, C, N] at
+  int[G, C], flat positions within each of G equal groups of consecutive rows (`gather_groups`).
+  With `head_reduce`, the call returns `head_reduce(head)` instead, where `head(index)` is the
+  head at `index` (None: every position) on this call's features: a loss can then choose between
+  heads (e.g. in a `lax.cond`) without running the trunk twice. Parameters
+  are always float32; `dtype` sets the activation and matmul dtype; `matmul_dtype` (e.g. bfloat16
+  with float32 `dtype`) only that of the dense layers' operands, which then accumulate in float32.
   """
 
   vocab_size: int
@@ -231,10 +199,12 @@ class Transformer(nn.Module):
   matmul_dtype: Any = None
   mlp: str = "swiglu"  # swiglu | relu2
   norm: str = "layernorm"  # layernorm | rmsnorm
+  attention: str = "auto"  # auto | xla | cudnn | splash | cpu (md4/networks/attention.py)
+  padded_vocab: int | None = None  # head columns (>= vocab_size); None: vocab_size
 
   @nn.compact
   def __call__(self, tokens: Array, t: Array | None = None, *, head_index: Array | None = None,
-               train: bool = False) -> Array:
+               head_reduce: Any = None, train: bool = False) -> Array:
     batch, seq_len = tokens.shape
     if self.width % self.num_heads or (self.width // self.num_heads) % 2:
       raise ValueError(f"width {self.width} must split into {self.num_heads} even-sized heads")
@@ -244,6 +214,7 @@ class Transformer(nn.Module):
     # The residual stream stays float32; norms cast to `dtype` before each matmul.
     x = nn.Embed(self.num_embeddings, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
                  name="embed")(tokens)  # [B, L, D]
+    x = partitioning.constrain_batch(x)
 
     cond = None
     if self.time_conditioning:
@@ -258,24 +229,34 @@ class Transformer(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.width, self.num_heads, mlp_hidden, self.dropout, self.causal,
                     self.time_conditioning, self.dtype, self.matmul_dtype, self.mlp, self.norm,
-                    name=f"block_{i}")(x, cond, cos, sin, train)
+                    self.attention, name=f"block_{i}")(x, cond, cos, sin, train)
+      x = partitioning.constrain_batch(x)
 
-    # Final norm and head, only at the requested flattened positions when head_index is given.
-    if head_index is not None:
-      head_index = jnp.asarray(head_index)
-      x = x.reshape(batch * seq_len, self.width)[head_index]  # head_index.shape + (D,)
+    # Final norm (per position, so before any gather) and the head.
     if self.time_conditioning:
       mod = dense(2 * self.width, "final_modulation",
                   kernel_init=nn.initializers.zeros)(nn.silu(cond))
       shift, scale = jnp.split(mod, 2, axis=-1)  # [B, D] each
-      if head_index is None:
-        shift, scale = shift[:, None], scale[:, None]
-      else:
-        example = head_index // seq_len
-        shift, scale = shift[example], scale[example]
-      x = _norm(self.norm, "final_norm", self.dtype, affine=False)(x)
-      x = x * (1 + scale) + shift
+      x = _modulate(_norm(self.norm, "final_norm", self.dtype, affine=False)(x), shift, scale)
     else:
       x = _norm(self.norm, "final_norm", self.dtype, affine=True)(x)
-    logits = dense(self.vocab_size, "head", kernel_init=nn.initializers.zeros)(x)
-    return logits.astype(jnp.float32)
+    columns = self.padded_vocab or self.vocab_size
+    if columns < self.vocab_size:
+      raise ValueError(f"padded_vocab {columns} is below vocab_size {self.vocab_size}")
+    kernel, bias = _HeadParams(columns, name="head")(self.width)
+    operand_dtype = self.matmul_dtype or self.dtype
+    x = x.astype(operand_dtype)
+
+    def head(index: Array | None) -> Array:
+      h = x if index is None else gather_groups(x, jnp.asarray(index).reshape(len(index), -1))
+      logits = matmul(h, kernel, operand_dtype, jnp.float32) + bias
+      if columns > self.vocab_size:
+        logits = jnp.where(jnp.arange(columns) < self.vocab_size, logits, -jnp.inf)
+      logits = partitioning.constrain_batch(logits)
+      if index is not None and jnp.ndim(index) == 1:
+        return logits[:, 0]
+      return logits
+
+    if head_reduce is not None:
+      return head_reduce(head)
+    return head(head_index)

@@ -6,6 +6,13 @@
       --batch 8 --steps 256
   python -m md4.tools.bench ggm    --layers 6 --width 256 --heads 8 --seq_len 256 --batch 8 \
       --vocabs 27 50257
+  python -m md4.tools.bench memory      --config=configs/owt.py --devices=8 [--config.mesh...]
+  python -m md4.tools.bench collectives --config=configs/owt.py --devices=8 [--config.mesh...]
+
+`memory` and `collectives` compile the real train step of a config on `--devices` simulated CPU
+devices (the mesh of its `mesh` fields) without running it: the per-device bytes XLA allocates
+(memory_analysis) next to md4/tools/memory_budget.py's prediction, and every collective of the
+compiled program with its operand shape and bytes, next to the largest parameter's bytes.
 
 Random weights and random tokens: a benchmark measures the program, not the model. Each command
 prints readable lines and, last, one JSON object. Variants are timed in the same run, so their
@@ -17,6 +24,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import re
 import resource
 import time
 
@@ -28,7 +37,8 @@ from md4 import config_lib, methods
 from md4.diffusion import masked
 from md4.methods import text
 from md4.networks import DTYPES
-from md4.training import tcmalloc
+from md4.tools import memory_budget
+from md4.training import sharding, tcmalloc
 from md4.training.optimizer import make_optimizer
 from md4.training.step import init_state, train_step
 
@@ -202,9 +212,105 @@ def cmd_ggm(args) -> dict:
           "variants": {str(v): r for v, r in results.items()}, "peak_rss_mb": peak_rss_mb()}
 
 
+def load_config(config_argv: list[str]) -> config_lib.ml_collections.ConfigDict:
+  """The config of `--config=FILE [--config.a.b=v ...]`, parsed as main.py parses it."""
+  from absl import flags
+  from ml_collections import config_flags
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values)
+  flag_values(["bench", *config_argv])
+  if flag_values.config is None:
+    raise SystemExit("bench: memory and collectives need --config=FILE")
+  return flag_values.config
+
+
+def compile_train_step(config) -> tuple[jax.stages.Compiled, dict]:
+  """The real train step of `config` compiled on its mesh over all devices (nothing runs), with
+  the abstract state it takes."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  method = methods.create(config, config.vocab_size)
+  tx, lr = make_optimizer(config, config.training.num_steps)
+  init = functools.partial(init_state, method, tx)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.state_shardings(mesh, abstract)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  tokens = jax.ShapeDtypeStruct((config.training.batch_size, config.seq_len), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh))
+  step = jax.jit(functools.partial(train_step, method=method, tx=tx, lr=lr, config=config,
+                                   rng=jax.random.key(0), mesh=mesh),
+                 donate_argnums=0, out_shardings=(shardings, None))
+  return step.lower(state, {"tokens": tokens}).compile(), abstract
+
+
+def cmd_memory(args, config) -> dict:
+  compiled, _ = compile_train_step(config)
+  stats = compiled.memory_analysis()
+  compiled_bytes = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                    - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  predicted = memory_budget.predict(config, jax.device_count())
+  print(f"{jax.device_count()} devices, mesh (data, fsdp) = ({config.mesh.data}, "
+        f"{config.mesh.fsdp}); per device: arguments {stats.argument_size_in_bytes / 1e9:.3f} GB, "
+        f"temporaries {stats.temp_size_in_bytes / 1e9:.3f} GB")
+  print(f"compiled {compiled_bytes / 1e9:.3f} GB per device, predicted "
+        f"{predicted['total'] / 1e9:.3f} GB (state {predicted['state'] / 1e9:.3f}, activations "
+        f"{predicted['activations'] / 1e9:.3f}): ratio {compiled_bytes / predicted['total']:.3f}")
+  return {"devices": jax.device_count(), "mesh": [config.mesh.data, config.mesh.fsdp],
+          "compiled_bytes_per_device": compiled_bytes,
+          "predicted_bytes_per_device": predicted["total"], "predicted": predicted,
+          "ratio": compiled_bytes / predicted["total"],
+          "argument_bytes": stats.argument_size_in_bytes,
+          "output_bytes": stats.output_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
+          "temp_bytes": stats.temp_size_in_bytes}
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_OP = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def collectives(hlo_text: str) -> list[dict]:
+  """Every collective op of an HLO module: kind, result shapes and bytes (per device)."""
+  ops = []
+  for line in hlo_text.splitlines():
+    match = _OP.search(line)
+    if match is None:
+      continue
+    shapes = [(dtype, [int(d) for d in dims.split(",") if d])
+              for dtype, dims in _ARRAY.findall(match.group(1)) if dtype in _DTYPE_BYTES]
+    ops.append({"kind": match.group(2), "shapes": [f"{d}{s}" for d, s in shapes],
+                "bytes": sum(_DTYPE_BYTES[d] * int(np.prod(s)) for d, s in shapes)})
+  return ops
+
+
+def cmd_collectives(args, config) -> dict:
+  compiled, abstract = compile_train_step(config)
+  ops = collectives(compiled.as_text())
+  largest = max(int(np.prod(x.shape)) * x.dtype.itemsize
+                for x in jax.tree.leaves(abstract["params"]))
+  for op in sorted(ops, key=lambda op: -op["bytes"])[:args.top]:
+    print(f"{op['kind']:18s} {op['bytes']:12d} bytes  {' '.join(op['shapes'])}")
+  kinds = sorted({op["kind"] for op in ops})
+  print(f"{len(ops)} collectives ({', '.join(kinds)}); largest parameter {largest} bytes; "
+        f"largest collective {max((op['bytes'] for op in ops), default=0)} bytes")
+  return {"devices": jax.device_count(), "mesh": [config.mesh.data, config.mesh.fsdp],
+          "largest_param_bytes": largest, "collectives": ops}
+
+
+def set_device_count(devices: int) -> None:
+  """Simulates `devices` CPU devices; must run before JAX creates its backend."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("what", choices=["train", "sample", "ggm"])
+  parser.add_argument("what", choices=["train", "sample", "ggm", "memory", "collectives"])
   parser.add_argument("--layers", type=int, default=6)
   parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--heads", type=int, default=8)
@@ -220,8 +326,19 @@ def main() -> None:
   parser.add_argument("--no_time", action="store_true", help="no time conditioning")
   parser.add_argument("--head_fraction", type=float, default=0.6,
                       help="masked_head variant: head capacity as a fraction of B * L")
-  args = parser.parse_args()
-  result = {"train": cmd_train, "sample": cmd_sample, "ggm": cmd_ggm}[args.what](args)
+  parser.add_argument("--devices", type=int, default=0,
+                      help="memory, collectives: simulated CPU devices (0: the real ones)")
+  parser.add_argument("--top", type=int, default=12, help="collectives: how many to print")
+  args, config_argv = parser.parse_known_args()
+  if args.what in ("memory", "collectives"):
+    if args.devices:
+      set_device_count(args.devices)  # JAX has no backend yet: nothing has asked for devices
+    config = load_config(config_argv)
+    result = {"memory": cmd_memory, "collectives": cmd_collectives}[args.what](args, config)
+  elif config_argv:
+    parser.error(f"unrecognized arguments: {' '.join(config_argv)}")
+  else:
+    result = {"train": cmd_train, "sample": cmd_sample, "ggm": cmd_ggm}[args.what](args)
   result = {"benchmark": args.what, "args": vars(args), "backend": jax.default_backend(),
             "allocator": tcmalloc.allocator(), **result}
   print(json.dumps(result, default=lambda x: float(np.asarray(x))))

@@ -51,6 +51,20 @@ def activations_per_seq(depth: int, width: int, hidden: int, remat: bool) -> flo
   return blocks + SEQ * 2 * 4 * VOCAB
 
 
+def predict(config, devices: int) -> dict:
+  """Predicted bytes per device of `config`'s train step on `devices` (md4.tools.bench memory
+  compares them with the compiled program): float32 state split over fsdp plus activations."""
+  shapes = jax.eval_shape(methods.create(config, config.vocab_size).init, jax.random.key(0))
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+  fsdp = devices // config.mesh.data if config.mesh.fsdp == -1 else config.mesh.fsdp
+  m, t = config.model, config.training
+  hidden = 32 * math.ceil(2 / 3 * m.mlp_ratio * m.width / 32)
+  per_device = t.batch_size // t.grad_accum // devices
+  state = 20 * params / fsdp
+  acts = per_device * activations_per_seq(m.depth, m.width, hidden, m.remat)
+  return {"params": params, "state": state, "activations": acts, "total": state + acts}
+
+
 def main() -> None:
   counts = {name: param_count(*dims) for name, dims in MODELS.items()}
   print("| model | params | params+EMA (f32) | Adam mu+nu (f32) | grads (f32) | state total |")

@@ -133,7 +133,8 @@ class Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
     step_fn = functools.partial(train_step, method=self.method, tx=self.tx, lr=self.lr,
-                                config=config, rng=self.train_rng, data_key=self.data_key)
+                                config=config, rng=self.train_rng, data_key=self.data_key,
+                                mesh=self.mesh)
     self.train_step = jax.jit(step_fn, donate_argnums=0,
                               out_shardings=(self.state_sharding, None))
     # Per-example eval outputs come back replicated so that every process can read them; text

@@ -5,6 +5,7 @@ The same jitted train step runs on one CPU device and on a pod: only the mesh ch
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -13,14 +14,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from md4.networks.partitioning import BATCH_AXES
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
   """A (data, fsdp) mesh over `devices` (default: all); -1 in one axis means "all remaining".
 
-  Devices keep JAX's process-major order, so process p owns a contiguous block of batch rows and
-  the processes' local batches, concatenated in process order, form the global batch.
+  Over all devices the layout is jax.make_mesh's, which follows the chips' physical topology (so
+  that fsdp's all-gathers run between neighbours), as long as every process still owns a
+  contiguous block of batch rows (the processes' local batches, concatenated in process order,
+  form the global batch); otherwise, and for explicit `devices`, JAX's process-major order.
   """
   devices = jax.devices() if devices is None else list(devices)
   num_devices = len(devices)
@@ -32,6 +35,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     fsdp = num_devices // data
   if data * fsdp != num_devices:
     raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not match the {num_devices} devices")
+  if num_devices == jax.device_count() and devices == jax.devices():
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto)
+    processes = [d.process_index for d in mesh.devices.flat]
+    if processes == sorted(processes):
+      return mesh
+    logging.warning("mesh: jax.make_mesh splits processes' rows; using process-major order")
   return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 

@@ -3,10 +3,15 @@ update, EMA, and the non-finite guard."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh
+
+from md4.networks import partitioning
 
 
 def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -17,37 +22,56 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   return decay
 
 
-def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collections.ConfigDict,
-               rng: jax.Array, data_key: str = "tokens") -> tuple[dict, dict]:
-  """One optimizer step (with optional gradient accumulation); skips non-finite updates.
+def accumulated_grads(params, tokens: jax.Array, rng: jax.Array, *, method,
+                      accum: int) -> tuple[dict, dict]:
+  """Mean gradients and metrics of `method.loss` over `accum` micro-batches of `tokens`.
 
-  The step's randomness is fold_in(rng, step), so a resumed run draws the same keys.
+  Micro-batch i is rows i, i + accum, i + 2 accum, ... (a strided split): with the batch split
+  over the devices in contiguous blocks, every micro-batch then keeps rows on every device (no
+  data moves), which the sharding constraint pins under a mesh.
   """
-  step = state["step"]
-  rng = jax.random.fold_in(rng, step)
-  tokens = batch[data_key]  # int[B, L] token ids, or int[B, H, W, C] image counts
-  accum = config.training.grad_accum
   grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-
   micro_rngs = jax.random.split(rng, accum)
   if accum == 1:
     # No loop: a gradient taken inside a loop body (even of length 1) keeps convolution layouts
     # that XLA:CPU runs on a naive emitter, ~10x slower (jax-ml/jax#12868).
-    (_, metrics), grads = grad_fn(state["params"], tokens, micro_rngs[0])
-  else:
-    def micro(carry, xs):
-      micro_tokens, micro_rng = xs
-      (_, metrics), grads = grad_fn(state["params"], micro_tokens, micro_rng)
-      return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+    (_, metrics), grads = grad_fn(params, tokens, micro_rngs[0])
+    return grads, metrics
 
-    micro_batches = tokens.reshape(accum, -1, *tokens.shape[1:])
-    (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, state["params"], micro_batches[0],
-                                                     rng)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
-    # Unrolled on CPU, for the convolution layouts above; a loop elsewhere, to bound memory.
-    unroll = jax.default_backend() == "cpu"
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, (micro_batches, micro_rngs), unroll=unroll)
-    grads, metrics = jax.tree.map(lambda g: g / accum, (grads, metrics))
+  def micro(carry, xs):
+    micro_tokens, micro_rng = xs
+    (_, metrics), grads = grad_fn(params, partitioning.constrain_batch(micro_tokens), micro_rng)
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  micro_batches = tokens.reshape(-1, accum, *tokens.shape[1:]).swapaxes(0, 1)  # [A, B / A, ...]
+  (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, micro_batches[0], rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
+  # Unrolled on CPU, for the convolution layouts above; a loop elsewhere, to bound memory.
+  unroll = jax.default_backend() == "cpu"
+  (grads, metrics), _ = jax.lax.scan(micro, zeros, (micro_batches, micro_rngs), unroll=unroll)
+  return jax.tree.map(lambda g: g / accum, (grads, metrics))
+
+
+def mesh_context(mesh: Mesh | None):
+  """The abstract mesh the networks' activation constraints read while a step is traced."""
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(
+      mesh.abstract_mesh)
+
+
+def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collections.ConfigDict,
+               rng: jax.Array, data_key: str = "tokens", mesh: Mesh | None = None
+               ) -> tuple[dict, dict]:
+  """One optimizer step (with optional gradient accumulation); skips non-finite updates.
+
+  The step's randomness is fold_in(rng, step), so a resumed run draws the same keys. With the
+  `mesh` the state and batch live on, activations are pinned to the batch split (ZeRO-3 FSDP).
+  """
+  step = state["step"]
+  rng = jax.random.fold_in(rng, step)
+  tokens = batch[data_key]  # int[B, L] token ids, or int[B, H, W, C] image counts
+  with mesh_context(mesh):
+    grads, metrics = accumulated_grads(state["params"], tokens, rng, method=method,
+                                       accum=config.training.grad_accum)
 
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
