@@ -374,3 +374,70 @@ def test_adjust_logits_top_k_then_top_p():
   kept = np.isfinite(np.asarray(adjust_logits(logits, top_k=2, top_p=0.6)))
   np.testing.assert_array_equal(kept, [False, True, False, False])
   np.testing.assert_array_equal(adjust_logits(logits, top_k=4), adjust_logits(logits))
+
+
+# --- config.sampling selects the sampler ----------------------------------------------------
+
+
+def tiny_config(model_type: str = "md4", **sampling):
+  from md4 import config_lib
+  config = config_lib.base()
+  config.model_type, config.seq_len, config.vocab_size = model_type, 8, 5
+  config.model.update(width=16, depth=1, num_heads=2)
+  config.sampling.update(num_steps=6, **sampling)
+  return config
+
+
+@pytest.mark.parametrize("model_type,sampling", [
+    ("md4", dict(method="remdm", remask_schedule="loop")),
+    ("md4", dict(method="confidence", confidence="margin", block_size=4, guidance=1.0)),
+    ("genmd4", dict(method="confidence", gumbel_temperature=math.inf, top_k=2)),
+    ("genmd4", dict(method="ancestral", block_size=2)),
+])
+def test_config_selects_the_sampler_and_counts_network_passes(model_type, sampling):
+  from md4 import config_lib
+  from md4.methods import METHODS
+  config = tiny_config(model_type, **sampling)
+  config_lib.validate(config)
+  method = METHODS[model_type](config, 5)
+  params = method.init(jax.random.key(0))
+  known = jnp.array([1, 2, 0, 0, 0, 0, 0, 0])
+  known_mask = jnp.arange(8) < 2
+  samples, calls = jax.jit(method.sample_with_calls, static_argnums=2)(
+      params, jax.random.key(1), 4, known, known_mask)
+  samples = np.asarray(samples)
+  assert samples.shape == (4, 8) and samples.max() < 5
+  np.testing.assert_array_equal(samples[:, :2], [[1, 2]] * 4)
+  blocks_count = 8 // (sampling.get("block_size") or 8)
+  passes = 2 if sampling.get("guidance") else 1
+  if sampling["method"] == "confidence":  # steps that reveal something only
+    assert passes <= int(calls) <= passes * blocks_count * 6
+  else:
+    assert int(calls) == passes * blocks_count * 6
+
+
+@pytest.mark.parametrize("model_type,sampling,message", [
+    ("genmd4", dict(method="remdm"), "not available for model_type 'genmd4'"),
+    ("ggm", dict(method="confidence"), "not available for model_type 'ggm'"),
+    ("md4", dict(block_size=3), "does not divide seq_len 8"),
+    ("md4", dict(method="confidence", tokens_per_step=9), "exceeds the 8 positions"),
+    ("md4", dict(method="confidence", tokens_per_step=5, block_size=4), "exceeds the 4"),
+    ("ar", dict(guidance=1.0), "no conditional branch"),
+    ("md4", dict(method="remdm", remask_schedule="rescale", eta=2.0), "rescale: in"),
+    ("md4", dict(method="remdm", remask_schedule="nope"), "remask_schedule must be one of"),
+])
+def test_invalid_sampler_settings_are_one_line_errors(model_type, sampling, message):
+  from md4 import config_lib
+  config = tiny_config(model_type, **sampling)
+  if model_type == "ar":
+    config.model.time_conditioning = False
+  with pytest.raises(config_lib.ConfigError, match=message) as error:
+    config_lib.validate(config)
+  assert "\n" not in str(error.value)
+
+
+def test_guidance_without_a_prompt_is_an_error():
+  from md4.evaluation import inference
+  with pytest.raises(ValueError, match="give --prompt or --infill"):
+    inference.conditioning(tiny_config(guidance=1.0), prompt=None, infill_text=None,
+                           infill_region=None)
