@@ -112,8 +112,10 @@ def remdm_draw(kind: str, num_steps: int, logits_fn=LOGITS_FN, seq_len: int = L,
   return np.asarray(jax.jit(fn)(jax.random.key(11)))
 
 
-@pytest.mark.parametrize("num_steps", [3, 6])  # fewer and more steps than L = 4
-@pytest.mark.parametrize("kind", remasking.SIGMA_SCHEDULES)
+# Fewer and more steps than L = 4; conf's enumeration (sequence and confidences) is the slow one.
+@pytest.mark.parametrize("kind,num_steps", [
+    *((kind, n) for kind in remasking.SIGMA_SCHEDULES for n in (3, 6) if (kind, n) != ("conf", 6)),
+    pytest.param("conf", 6, marks=pytest.mark.slow)])
 def test_remdm_follows_its_exact_chain(kind, num_steps):
   law = remdm_law(num_steps, kind, **REMDM_SETTINGS[kind], p=P4)
   samples = remdm_draw(kind, num_steps, logits_fn=LOGITS_FN4, seq_len=4, vocab_size=2)
@@ -144,6 +146,7 @@ def test_remdm_chain_oracle_is_ancestral_at_sigma_zero_and_remasks_otherwise():
   assert 0.5 * np.abs(ancestral - P).sum() < 0.005
 
 
+@pytest.mark.slow
 def test_remdm_conf_is_not_marginal_keeping():
   """conf remasks without matching extra unmasking, so masks pile up and are revealed together
   late: farther from p than ancestral at the same steps, even with exact conditionals
