@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 
 from md4.data import IMAGE_DATASETS
-from md4.diffusion import blackout, glauber
+from md4.diffusion import blackout, confidence, glauber, remasking
 from md4.diffusion.schedules import get_schedule
 
 # The methods of md4.methods.METHODS (the registry imports the networks; the schema does not).
@@ -94,6 +94,15 @@ def base() -> ml_collections.ConfigDict:
   ))
   c.sampling = ml_collections.ConfigDict(dict(
       every=0, num_samples=4, num_steps=128, grid="uniform", top_p=0.0, temperature=1.0,
+      top_k=0,  # 0: off
+      method="ancestral",  # ancestral | remdm | confidence (md4; genmd4: ancestral | confidence)
+      remask_schedule="cap", eta=0.02,  # remdm: cap | rescale | conf | loop, and its eta
+      loop_alpha_on=0.9, loop_t_on=0.55, loop_t_off=0.05,  # remdm loop: held alpha, its stretch
+      confidence="max_prob",  # confidence: max_prob | margin | neg_entropy
+      gumbel_temperature=0.0,  # confidence: order noise (0: deterministic, inf: random order)
+      tokens_per_step=0,  # confidence: k revealed per step (0: the schedule's share)
+      block_size=0,  # > 0: semi-autoregressive blocks of this size (must divide seq_len)
+      guidance=0.0,  # classifier-free guidance scale g with a prompt (md4, genmd4)
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return c
@@ -155,6 +164,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.sampling.num_steps > 0, "sampling.num_steps must be positive")
   _require(0.0 <= config.sampling.top_p <= 1.0, "sampling.top_p must be in [0, 1] (0: off)")
   _require(config.sampling.temperature > 0, "sampling.temperature must be positive")
+  _validate_sampler(config)
   o = config.optimizer
   _require(o.name in ("adamw", "muon"), f"optimizer.name must be adamw or muon, got {o.name!r}")
   _require(o.lr > 0 and o.muon_lr > 0, "optimizer.lr and optimizer.muon_lr must be positive")
@@ -177,6 +187,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of("blackout.sampler", config.blackout.sampler, blackout.SAMPLERS)
   _require(config.ggm.sweeps >= 1, "ggm.sweeps must be at least 1")
   _one_of("ggm.loss", config.ggm.loss, glauber.LOSS_KINDS)
+
+
+SAMPLING_METHODS = {"md4": ("ancestral", "remdm", "confidence"),
+                    "genmd4": ("ancestral", "confidence")}  # other models: their own sampler
+
+
+def _validate_sampler(config: ml_collections.ConfigDict) -> None:
+  """sampling.method and its parameters against the model type and seq_len."""
+  s, seq_len = config.sampling, config.seq_len
+  methods = SAMPLING_METHODS.get(config.model_type, ("ancestral",))
+  _require(s.method in methods, f"sampling.method {s.method!r} is not available for model_type "
+           f"{config.model_type!r}; available: {', '.join(methods)}")
+  _require(s.top_k >= 0, f"sampling.top_k must be >= 0 (0: off), got {s.top_k}")
+  _require(s.guidance >= 0, f"sampling.guidance must be >= 0, got {s.guidance}")
+  _require(not s.guidance or config.model_type in SAMPLING_METHODS,
+           f"sampling.guidance needs a prompt-conditional model (md4, genmd4); model_type "
+           f"{config.model_type!r} has no conditional branch")
+  _require(s.block_size == 0 or config.model_type in SAMPLING_METHODS,
+           f"sampling.block_size is for md4 and genmd4, not {config.model_type!r}")
+  _require(s.block_size >= 0 and (s.block_size == 0 or seq_len % s.block_size == 0),
+           f"sampling.block_size {s.block_size} does not divide seq_len {seq_len} (0: off)")
+  if s.method == "remdm":
+    _one_of("sampling.remask_schedule", s.remask_schedule, remasking.SIGMA_SCHEDULES)
+    _require(s.eta >= 0 and (s.remask_schedule != "rescale" or s.eta <= 1),
+             f"sampling.eta must be >= 0 (rescale: in [0, 1]), got {s.eta}")
+    _require(0 < s.loop_t_off < s.loop_t_on < 1 and 0 < s.loop_alpha_on < 1,
+             "sampling.loop_* need 0 < loop_t_off < loop_t_on < 1 and 0 < loop_alpha_on < 1")
+  if s.method == "confidence":
+    _one_of("sampling.confidence", s.confidence, confidence.CONFIDENCES)
+    _require(s.gumbel_temperature >= 0, f"sampling.gumbel_temperature must be >= 0, got "
+             f"{s.gumbel_temperature}")
+    limit = s.block_size or seq_len
+    _require(0 <= s.tokens_per_step <= limit, f"sampling.tokens_per_step {s.tokens_per_step} "
+             f"exceeds the {limit} positions decoded at once (0: the schedule's share)")
 
 
 def check_data(config: ml_collections.ConfigDict, data) -> int:

@@ -73,6 +73,16 @@ def test_train_eval_sample(tmp_path, corpus):
   text = open(os.path.join(workdir, "samples", "final_step_40.txt")).read()
   lines = text.rstrip("\n").split("\n\n")
   assert len(lines) == 2 and all(s.startswith("the king") and len(s) == 32 for s in lines)
+  # Another sampler from the command line: ReMDM, guided by the prompt (two passes per step).
+  guided = main_py(workdir, *common, "--mode=sample", "--prompt=the king",
+                   "--config.sampling.method=remdm", "--config.sampling.guidance=1.5",
+                   "--config.sampling.num_steps=16")
+  assert guided.returncode == 0, guided.stderr[-3000:]
+  record = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if r["split"] == "sample_only"][-1]
+  assert record["network_calls"] == 2 * 16
+  unguided = main_py(workdir, *common, "--mode=sample", "--config.sampling.guidance=1.5")
+  assert unguided.returncode == 2 and "give --prompt or --infill" in unguided.stderr
 
 
 def final_params(workdir, step):

@@ -1,4 +1,5 @@
-"""Categorical draws for the samplers: temperature, nucleus (top-p) filtering, float32 noise."""
+"""Categorical draws for the samplers: temperature, top-k and nucleus (top-p) filtering, float32
+noise."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import jax.numpy as jnp
 Array = jnp.ndarray
 
 
-def adjust_logits(logits: Array, *, temperature: float = 1.0, top_p: float | None = None) -> Array:
-  """Applies temperature, then keeps the smallest set of tokens whose mass reaches top_p.
+def adjust_logits(logits: Array, *, temperature: float = 1.0, top_p: float | None = None,
+                  top_k: int | None = None) -> Array:
+  """Applies temperature, keeps the top_k largest logits, then the smallest set of the remaining
+  tokens whose mass reaches top_p.
 
-  Works on the last axis, in float32. Tokens outside the nucleus get -inf.
+  Works on the last axis, in float32. Tokens filtered out get -inf; ties at the k-th largest
+  logit are all kept.
   """
   logits = logits.astype(jnp.float32)
   if temperature != 1.0:
     logits = logits / temperature
+  if top_k is not None and 0 < top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
   if top_p is None or top_p >= 1.0:
     return logits
   probs = jax.nn.softmax(logits, axis=-1)

@@ -103,17 +103,19 @@ def loss(logits_fn: LogitsFn, x: Array, rng: Array, w: Array, *, vocab_size: int
 
 def sample(logits_fn: LogitsFn, rng: Array, w: Array, *, batch_size: int, seq_len: int,
            vocab_size: int, num_steps: int, top_p: float | None = None,
-           temperature: float = 1.0, known: Array | None = None,
-           known_mask: Array | None = None) -> Array:
+           top_k: int | None = None, temperature: float = 1.0, known: Array | None = None,
+           known_mask: Array | None = None,
+           return_network_calls: bool = False) -> Array | tuple[Array, Array]:
   """Ancestral sampler on the uniform grid 1 = t_0 > ... > t_S = 0: int[B, L].
 
   Given z_t and the posterior mu_n(v) = P(x_n = v | z_t) of a masked position, the exact
   one-position reverse step is P(z_s = v | z_t) = mu_n(v) (alpha_v(s) - alpha_v(t)) /
   (1 - alpha_v(t)) = mu_n(v) (1 - (s / t)^{w_v}), the rest staying masked. So a candidate v is
-  drawn from mu (after temperature / top-p) and accepted with probability 1 - (s / t)^{w_v}; mu
-  needs no reweighting because it is already the posterior under value-dependent masking. The
-  last step (s = 0) accepts every candidate, so no mask is left. Known positions are set before
-  the first step and never change. The network is called at every step (it depends on t).
+  drawn from mu (after temperature / top-k / top-p) and accepted with probability
+  1 - (s / t)^{w_v}; mu needs no reweighting because it is already the posterior under
+  value-dependent masking. The last step (s = 0) accepts every candidate, so no mask is left.
+  Known positions are set before the first step and never change. The network is called at
+  every step (it depends on t).
   """
   times = jnp.linspace(1.0, 0.0, num_steps + 1)
   mask_id = vocab_size
@@ -122,7 +124,7 @@ def sample(logits_fn: LogitsFn, rng: Array, w: Array, *, batch_size: int, seq_le
   def step(i, z):
     t, s = times[i], times[i + 1]
     logits = adjust_logits(logits_fn(z, jnp.full((batch_size,), t)), temperature=temperature,
-                           top_p=top_p)
+                           top_p=top_p, top_k=top_k)
     value_rng, accept_rng = jax.random.split(jax.random.fold_in(rng, i))
     value = sample_categorical(value_rng, logits)  # int[B, L]
     accept_prob = -jnp.expm1(w * jnp.log(s / t))  # float[V]; 1 when s = 0
@@ -130,4 +132,5 @@ def sample(logits_fn: LogitsFn, rng: Array, w: Array, *, batch_size: int, seq_le
     reveal = (z == mask_id) & (jax.random.uniform(accept_rng, z.shape) < accept_prob)
     return jnp.where(reveal, value, z)
 
-  return jax.lax.fori_loop(0, num_steps, step, z)
+  z = jax.lax.fori_loop(0, num_steps, step, z)
+  return (z, jnp.array(num_steps, jnp.int32)) if return_network_calls else z

@@ -180,15 +180,16 @@ def _draw_values(rng: Array, steps: Array, logits: Array) -> Array:
 
 
 def sample(logits_fn: LogitsFn, rng: Array, schedule: Schedule, *, batch_size: int, seq_len: int,
-           vocab_size: int, num_steps: int, top_p: float | None = None, temperature: float = 1.0,
-           grid: str = "uniform", known: Array | None = None, known_mask: Array | None = None,
-           cache: bool = True, return_network_calls: bool = False) -> Array | tuple[Array, Array]:
+           vocab_size: int, num_steps: int, top_p: float | None = None, top_k: int | None = None,
+           temperature: float = 1.0, grid: str = "uniform", known: Array | None = None,
+           known_mask: Array | None = None, cache: bool = True,
+           return_network_calls: bool = False) -> Array | tuple[Array, Array]:
   """Ancestral sampler from the all-mask sequence: int[B, L] (and the network call count).
 
   At each step t -> s every masked position is revealed with probability
   (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from mu(z_t, t) (after temperature /
-  top-p); the last step reveals every remaining mask. Known positions are set before the first
-  step and never change.
+  top-k / top-p); the last step reveals every remaining mask. Known positions are set before the
+  first step and never change.
 
   Which positions are revealed when does not depend on the network, so it is drawn up front
   (`reveal_steps`). A row's state changes only at its own reveal steps, so with `cache` the
@@ -208,7 +209,7 @@ def sample(logits_fn: LogitsFn, rng: Array, schedule: Schedule, *, batch_size: i
   def reveal(z: Array, steps: Array) -> Array:
     """Row b draws the positions it reveals at step steps[b] from mu(z_b, t_{steps[b]})."""
     t = times[jnp.minimum(steps, num_steps - 1)]
-    logits = adjust_logits(logits_fn(z, t), temperature=temperature, top_p=top_p)
+    logits = adjust_logits(logits_fn(z, t), temperature=temperature, top_p=top_p, top_k=top_k)
     values = _draw_values(value_rng, steps, logits)
     return jnp.where(reveal_at == steps[:, None], values, z)
 

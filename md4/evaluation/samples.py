@@ -19,13 +19,20 @@ if TYPE_CHECKING:
 def draw(run: Run, params: Any, step: int, *, known=None, known_mask=None,
          name: str | None = None, nll_fn: Callable | None = None) -> dict[str, float]:
   """Samples from `params`, written to samples/<name or step_N>.txt (.png for images);
-  returns sample metrics, with the generative perplexity under `nll_fn` when given.
+  returns sample metrics (with the sampler's network calls where the method counts them), with
+  the generative perplexity under `nll_fn` when given.
 
   Image infilling (`known` int[B, H, W, C]) writes each masked input beside its completion.
   """
   num = run.config.sampling.num_samples
   rng = jax.random.fold_in(run.sample_rng, step)
-  samples = np.asarray(run.sample_step(params, rng, num, known, known_mask))
+  calls = {}
+  if run.sample_with_calls:
+    samples, count = run.sample_with_calls(params, rng, num, known, known_mask)
+    calls = {"network_calls": int(count)}
+  else:
+    samples = run.sample_step(params, rng, num, known, known_mask)
+  samples = np.asarray(samples)
   path = os.path.join(run.workdir, "samples", name or f"step_{step}")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -37,8 +44,8 @@ def draw(run: Run, params: Any, step: int, *, known=None, known_mask=None,
       with open(path + ".txt", "w") as f:
         f.write("\n\n".join(run.data.tokenizer.decode(row) for row in samples) + "\n")
   if run.is_image:
-    return {"mean_intensity": float(samples.mean() / run.data.max_count)}
-  report = {"unigram_entropy": float(evaluate.unigram_entropy(samples).mean())}
+    return {"mean_intensity": float(samples.mean() / run.data.max_count), **calls}
+  report = {"unigram_entropy": float(evaluate.unigram_entropy(samples).mean()), **calls}
   if nll_fn is not None:
     report.update(evaluate.generative_perplexity(samples, nll_fn))
   return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from md4.diffusion import genmd4, glauber, masked
+from md4.diffusion import blocks, confidence, genmd4, glauber, guidance, masked, remasking
 from md4.diffusion.categorical import adjust_logits, sample_categorical
-from md4.diffusion.schedules import get_schedule
+from md4.diffusion.schedules import Schedule, get_schedule
 from md4.networks import DTYPES, apply_fn, partitioning
 from md4.networks.transformer import Transformer
 
@@ -58,6 +59,49 @@ def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool,
       ..., :model.vocab_size]
 
 
+def diffusion_sampler(s: ml_collections.ConfigDict, schedule: Schedule, vocab_size: int,
+                      w: Array | None = None) -> blocks.Sampler:
+  """The sampler that config.sampling selects (method, its parameters, blocks), as
+  sampler(logits_fn, rng, *, batch_size, seq_len, known, known_mask) -> (int[B, L], calls).
+
+  w: GenMD4's exponents (its ancestral sampler; confidence order then uses equal shares).
+  """
+  common = dict(vocab_size=vocab_size, num_steps=s.num_steps, top_p=s.top_p or None,
+                top_k=s.top_k or None, temperature=s.temperature, return_network_calls=True)
+  if s.method == "remdm":
+    sampler = functools.partial(remasking.sample, schedule=schedule, grid=s.grid,
+                                sigma_schedule=s.remask_schedule, eta=s.eta,
+                                alpha_on=s.loop_alpha_on, t_on=s.loop_t_on, t_off=s.loop_t_off,
+                                **common)
+  elif s.method == "confidence":
+    sampler = functools.partial(
+        confidence.sample, schedule=schedule if w is None else get_schedule("linear"),
+        grid=s.grid, confidence=s.confidence, gumbel_temperature=s.gumbel_temperature,
+        tokens_per_step=s.tokens_per_step, **common)
+  elif w is not None:
+    sampler = functools.partial(genmd4.sample, w=w, **common)
+  else:
+    sampler = functools.partial(masked.sample, schedule=schedule, grid=s.grid, **common)
+  if s.block_size:
+    return functools.partial(blocks.sample, sampler, vocab_size=vocab_size,
+                             block_size=s.block_size, return_network_calls=True)
+  return sampler
+
+
+def guided_sample(s: ml_collections.ConfigDict, sampler: blocks.Sampler, logits_fn: Callable,
+                  rng: Array, *, batch_size: int, seq_len: int, vocab_size: int, known=None,
+                  known_mask=None) -> tuple[Array, Array]:
+  """Runs `sampler`, with classifier-free guidance sampling.guidance where tokens are known (the
+  unconditional branch sees them masked); returns (samples, network passes)."""
+  passes = 1
+  if s.guidance and known_mask is not None:
+    uncond = guidance.without(logits_fn, jnp.asarray(known_mask), vocab_size)
+    logits_fn, passes = guidance.guided(logits_fn, uncond, s.guidance), 2
+  z, calls = sampler(logits_fn, rng, batch_size=batch_size, seq_len=seq_len, known=known,
+                     known_mask=known_mask)
+  return z, passes * calls
+
+
 @dataclasses.dataclass
 class MD4:
   """Masked diffusion (docs/methods.md §1) with a time-conditioned bidirectional transformer."""
@@ -97,15 +141,18 @@ class MD4:
   def evaluate(self, params, tokens, rng):
     return {"nelbo": self._nelbo(params, tokens, rng, train=False)}
 
-  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+  def sample_with_calls(self, params, rng, batch_size, known=None, known_mask=None):
+    """Samples with config.sampling's sampler: (int[B, L], network passes)."""
     s = self.config.sampling
     # Samplers draw from the V real columns (the Gumbel noise has the unpadded shape).
-    return masked.sample(network_fn(self.model, params, None, False, padded=False), rng,
-                         self.schedule,
-                         batch_size=batch_size, seq_len=self.config.seq_len,
-                         vocab_size=self.vocab_size, num_steps=s.num_steps,
-                         top_p=s.top_p or None, temperature=s.temperature, grid=s.grid,
-                         known=known, known_mask=known_mask)
+    sampler = diffusion_sampler(s, self.schedule, self.vocab_size)
+    logits_fn = network_fn(self.model, params, None, False, padded=False)
+    return guided_sample(s, sampler, logits_fn, rng, batch_size=batch_size,
+                         seq_len=self.config.seq_len, vocab_size=self.vocab_size, known=known,
+                         known_mask=known_mask)
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    return self.sample_with_calls(params, rng, batch_size, known, known_mask)[0]
 
 
 @dataclasses.dataclass
@@ -136,13 +183,14 @@ class GenMD4(MD4):
     (_, nelbo), _ = self._losses(params, tokens, rng, train=False)
     return {"nelbo": nelbo}
 
-  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+  def sample_with_calls(self, params, rng, batch_size, known=None, known_mask=None):
     s = self.config.sampling
-    return genmd4.sample(network_fn(self.model, params["net"], None, False, padded=False), rng,
-                         jax.nn.softplus(params["w_raw"]), batch_size=batch_size,
-                         seq_len=self.config.seq_len, vocab_size=self.vocab_size,
-                         num_steps=s.num_steps, top_p=s.top_p or None,
-                         temperature=s.temperature, known=known, known_mask=known_mask)
+    sampler = diffusion_sampler(s, self.schedule, self.vocab_size,
+                                w=jax.nn.softplus(params["w_raw"]))
+    logits_fn = network_fn(self.model, params["net"], None, False, padded=False)
+    return guided_sample(s, sampler, logits_fn, rng, batch_size=batch_size,
+                         seq_len=self.config.seq_len, vocab_size=self.vocab_size, known=known,
+                         known_mask=known_mask)
 
 
 def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: bool,

@@ -147,6 +147,8 @@ class Run:
       return out
     self.eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
     self.sample_step = jax.jit(self.method.sample, static_argnums=2)
+    with_calls = getattr(self.method, "sample_with_calls", None)  # -> (samples, network calls)
+    self.sample_with_calls = with_calls and jax.jit(with_calls, static_argnums=2)
 
   def restore_or_init(self) -> tuple[dict, int]:
     """The newest readable checkpoint of the workdir (with the data iterator set to its saved
