@@ -60,7 +60,7 @@ def cosine(eps: float = EPS) -> Schedule:
   half_pi = math.pi / 2
   return _clamped("cosine", lambda t: 2.0 * jnp.sin(0.5 * half_pi * (1.0 - t))**2,
                   lambda t: jnp.sin(half_pi * t),
-                  lambda t: -half_pi * jnp.cos(half_pi * t), eps)
+                  lambda t: -half_pi * jnp.sin(half_pi * (1.0 - t)), eps)
 
 
 def poly(k: float, eps: float = EPS) -> Schedule:
