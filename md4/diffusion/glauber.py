@@ -64,8 +64,10 @@ class GlauberProcess:
     return self.vocab_size
 
   def _visit_keep_probs(self) -> Array:
-    """pi for visits m = 1..K: float[K]."""
-    return jnp.clip(1.0 - self._visit_noise_probs(), PI_MIN, PI_MAX)
+    """pi for visits m = 1..K: float[K] (the ratio itself, accurate when pi is small)."""
+    m = jnp.arange(1, self.sweeps + 1, dtype=jnp.float32)
+    alpha = self.schedule.alpha
+    return jnp.clip(alpha(m / self.sweeps) / alpha((m - 1) / self.sweeps), PI_MIN, PI_MAX)
 
   def _visit_noise_probs(self) -> Array:
     """1 - pi for visits m = 1..K: float[K], as (alpha(s) - alpha(t)) / alpha(s), s = (m-1)/K,
