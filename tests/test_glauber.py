@@ -286,3 +286,20 @@ def test_loss_shapes_and_query_row():
 def test_stratified_steps_cover_all_steps():
   t = np.asarray(glauber.stratified_steps(jax.random.key(9), 24, PROCESS.num_steps))
   np.testing.assert_array_equal(np.bincount(t, minlength=12), np.full(12, 2))
+
+
+@pytest.mark.parametrize("name, sweeps", [("linear", 4096), ("geometric", 256)])
+def test_noise_prob_is_accurate_when_visits_keep_almost_everything(name, sweeps):
+  # Many sweeps: pi = alpha(m/K) / alpha((m-1)/K) is close to 1 (1 - pi ~ 2e-4 and 5e-6 here),
+  # where 1 - pi in float32 keeps only a few digits; the closed-form 1 - alpha keeps them.
+  seq_len, vocab_size = 2, 3
+  process = glauber.GlauberProcess(seq_len, vocab_size, sweeps, get_schedule(name))
+  m = np.arange(1, 9, dtype=np.float64)
+  if name == "linear":
+    alpha = lambda t: 1e-4 + (1 - 2e-4) * (1 - t)
+  else:
+    alpha = lambda t: np.exp(-1e-4 * (20 / 1e-4) ** t)
+  expected = (alpha((m - 1) / sweeps) - alpha(m / sweeps)) / alpha((m - 1) / sweeps)
+  assert expected.min() > 2 * (1 - glauber.PI_MAX)  # not clipped
+  t = jnp.asarray((m - 1) * seq_len, jnp.int32)  # the first step of visit m
+  np.testing.assert_allclose(process.noise_prob(t) * vocab_size, expected, rtol=2e-5)

@@ -1,6 +1,7 @@
 """MD4 exactness: NELBO against -log p(x) and the sampler against p, with an exact oracle."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -196,3 +197,99 @@ def test_sample_top_p_tiny_is_greedy_on_first_step():
   samples = draw(num_samples=64, num_steps=1, top_p=1e-6)
   marginal_modes = [np.argmax(P.sum(axis=tuple(a for a in range(L) if a != n))) for n in range(L)]
   assert np.all(samples == np.array(marginal_modes))
+
+
+def cosine_alpha64(t: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+  """The cosine schedule in float64, written from docs/methods.md §1 (not from schedules.py)."""
+  return eps + (1 - 2 * eps) * (1 - np.cos(np.pi / 2 * (1 - np.asarray(t, np.float64))))
+
+
+def test_reveal_steps_match_a_step_by_step_simulation():
+  """Simulate the sampler's per-step reveal probabilities r_i = (alpha_{i+1} - alpha_i) /
+  (1 - alpha_i) (last step: 1) position by position, on a non-uniform time grid."""
+  num_steps, num = 8, 200_000
+  times = np.sin(np.pi / 2 * np.linspace(1, 0, num_steps + 1))  # the "cosine" grid
+  alpha = cosine_alpha64(times)
+  reveal_prob = np.append((alpha[1:-1] - alpha[:-2]) / (1 - alpha[:-2]), 1.0)
+  rng = np.random.default_rng(0)
+  simulated = np.full(num, -1)
+  for i, r in enumerate(reveal_prob):
+    simulated[(simulated < 0) & (rng.random(num) < r)] = i
+  steps = np.asarray(masked.reveal_steps(jax.random.key(0), get_schedule("cosine"),
+                                         jnp.asarray(times, jnp.float32), (num,)))
+  observed, expected = (np.bincount(s, minlength=num_steps) / num for s in (steps, simulated))
+  assert expected.min() > 2e-4  # every step reveals a visible share (100 of the positions)
+  se = np.sqrt(2 * expected * (1 - expected) / num)
+  assert np.all(np.abs(observed - expected) < 4.5 * se), (observed, expected)
+
+
+def exact_discrete_nelbo(x: tuple, num_steps: int) -> float:
+  """E[discrete-time NELBO(x)] for the linear schedule by enumeration (float64): every step k
+  in 1..T (uniform) and every mask pattern, with the exact conditionals of p."""
+  eps = 1e-4
+  alpha = lambda t: eps + (1 - 2 * eps) * (1 - t)
+  seqs = oracle.all_sequences(V, L)
+  probs = P.reshape(-1)
+  total = 0.0
+  for k in range(1, num_steps + 1):
+    t, s = k / num_steps, (k - 1) / num_steps
+    reveal = (alpha(s) - alpha(t)) / (1 - alpha(t))
+    for mask in itertools.product([False, True], repeat=L):
+      mask = np.array(mask)
+      q = np.prod(np.where(mask, 1 - alpha(t), alpha(t)))
+      consistent = np.all(mask | (seqs == np.array(x)), axis=1)
+      cost = 0.0
+      for n in np.nonzero(mask)[0]:
+        conditional = probs[consistent & (seqs[:, n] == x[n])].sum() / probs[consistent].sum()
+        cost -= np.log(conditional)
+      total += q * num_steps * reveal * cost / num_steps
+  return total + L * (alpha(1.0) + 1 - alpha(0.0)) * np.log(V)
+
+
+@pytest.mark.parametrize("num_steps, x", [(2, SEQS[0]), (5, SEQS[1])])
+def test_discrete_nelbo_equals_its_enumerated_value(num_steps, x):
+  exact = exact_discrete_nelbo(x, num_steps)
+  mean, se = nelbo_stats(x, "linear", num_steps=num_steps, repeats=100)
+  assert abs(mean - exact) < 4 * se, (x, mean, se, exact)
+  assert se < 0.02 * exact
+  # Averaged over x ~ p, coarser grids are looser bounds on the entropy.
+  entropy = -np.sum(P * np.log(P))
+  averages = [sum(P[tuple(seq)] * exact_discrete_nelbo(tuple(seq), steps)
+                  for seq in oracle.all_sequences(V, L)) for steps in (2, 5, 50)]
+  assert averages[0] > averages[1] > averages[2] > entropy, (averages, entropy)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_every_network_call_gets_the_time_of_its_step(cache):
+  """A recording network: each call's time must be the grid time t_i of the step at which the
+  positions it reveals are revealed (step i = the uncached path's i-th call)."""
+  num_steps, batch = 6, 8
+  grid = np.linspace(1.0, 0.0, num_steps + 1)
+  schedule = get_schedule("cosine")
+
+  def run(cache):
+    calls = []
+    def recording(z, t):
+      jax.debug.callback(lambda z, t: calls.append((np.asarray(z), np.asarray(t))), z, t,
+                         ordered=True)
+      return LOGITS_FN(z, t)
+    final = masked.sample(recording, jax.random.key(5), schedule, batch_size=batch,
+                          seq_len=L, vocab_size=V, num_steps=num_steps, cache=cache)
+    states = [z for z, _ in calls] + [np.asarray(final)]
+    return calls, states
+
+  calls, states = run(False)
+  assert len(calls) == num_steps
+  reveal_step = np.full((batch, L), -1)
+  for i, (_, t) in enumerate(calls):
+    np.testing.assert_allclose(t, grid[i], atol=1e-7)
+    reveal_step[(states[i] == V) & (states[i + 1] != V)] = i
+  assert np.all(reveal_step >= 0)
+  if cache:
+    calls, states = run(True)
+    assert len(calls) < num_steps * L
+    for c, (_, t) in enumerate(calls):
+      revealed = (states[c] == V) & (states[c + 1] != V)
+      for b, n in zip(*np.nonzero(revealed), strict=True):
+        assert abs(t[b] - grid[reveal_step[b, n]]) < 1e-7, (c, b, n, t[b])
+    assert np.all(states[-1] != V)

@@ -99,3 +99,29 @@ def test_muon_orthogonalises_block_matrices_and_adam_updates_the_rest():
       np.testing.assert_allclose(np.abs(u), 1e-3 * (1 + 0.9 * 0.1 / 0.19), rtol=1e-4,
                                  err_msg=name)
   assert muon_names == {"qkv", "attn_out", "mlp_gate", "mlp_up", "mlp_out"}
+
+
+@pytest.mark.slow  # two train-step compilations
+def test_accumulated_gradients_equal_full_batch_gradients():
+  """AR's loss is deterministic, so two micro-batches of 4 must give the gradient of the batch
+  of 8 exactly. Adam's first moments after one step are (1 - b1) g, its second (1 - b2) g^2:
+  the optimizer state exposes the whole gradient pytree (no clipping)."""
+  states = []
+  for grad_accum in (1, 2):
+    c = config_lib.base()
+    c.model_type, c.seq_len = "ar", 16
+    c.model.update(width=32, depth=1, num_heads=2, time_conditioning=False)
+    c.optimizer.grad_clip = 0.0
+    c.training.update(batch_size=8, grad_accum=grad_accum)
+    _, state, _, step = compiled_step(c)
+    tokens = np.random.default_rng(0).integers(0, c.vocab_size, (8, 16), np.int32)
+    states.append(step(state, {"tokens": tokens}))
+  (full, full_metrics), (accumulated, accumulated_metrics) = states
+  np.testing.assert_allclose(accumulated_metrics["grad_norm"], full_metrics["grad_norm"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(accumulated_metrics["loss"], full_metrics["loss"], rtol=1e-5)
+  leaves = jax.tree.leaves(full["opt_state"])
+  assert sum(np.size(leaf) for leaf in leaves) > 2 * sum(
+      np.size(p) for p in jax.tree.leaves(full["params"]))  # both moments are in there
+  for a, b in zip(jax.tree.leaves(accumulated["opt_state"]), leaves, strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-9)

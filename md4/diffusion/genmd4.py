@@ -9,16 +9,20 @@ depends on the value, that posterior weighs each value by its masking probabilit
 1 - alpha_v(t); the matching reverse (unmasking) rate of value v is
 -alpha_v'(t) / (1 - alpha_v(t)) * mu_n(v) = (w_v / t) * mu_n(v), in which eps cancels exactly.
 
-NELBO (nats per sequence), the three terms of the continuous-time bound:
+NELBO (nats per sequence), the terms of the continuous-time bound (docs/bounds.md):
   * prior at t = 1: each token is still clean with probability alpha_v(1) = eps whatever w is;
     against a prior that keeps a token uniform over V with probability eps (else masked) the KL
-    is exactly eps * log V per token;
-  * diffusion on [t1, 1]: the path KL of the true (given x) and model reverse rates,
-        int_{t1}^1 sum_{masked n} (1/t) (-w_{x_n} (log mu_n(x_n) + 1) + sum_v w_v mu_n(v)) dt,
-    estimated with one t ~ U[t1, 1] per sequence (antithetic across the batch);
-  * reconstruction at t1: tokens still masked are coded uniformly,
-        sum_n (1 - alpha_{x_n}(t1)) log V.
-With the exact posterior as mu, the NELBO is -log p(x) up to terms of order eps and t1^{w}.
+    is exactly eps * log V per token (`masked.boundary_nats`, shared with MD4);
+  * diffusion on (0, 1]: the path KL of the true (given x) and model reverse rates,
+        int_0^1 sum_{masked n} (1/t) (-w_{x_n} (log mu_n(x_n) + 1) + sum_v w_v mu_n(v)) dt;
+  * reconstruction at t = 0: none, since alpha_v(0) = 1 (no token is masked at t = 0).
+The integral reaches t = 0 by importance sampling (`sample_times`): t has density
+q(t) = (1 + beta t^(beta - 1)) / 2, half uniform and half the power law beta t^(beta - 1), and
+the integrand is weighted by 1 / q(t). A token with exponent w is masked with probability ~t^w,
+so the power-law half keeps the variance finite when beta < w (int t^(w - beta - 1) dt) and
+the uniform half keeps large exponents as cheap as uniform times; beta = min(1, min_v w_v / 2)
+without gradient (any fixed beta is unbiased).
+With the exact posterior as mu, the NELBO is -log p(x) up to the prior's O(eps) term.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from md4.diffusion.categorical import adjust_logits, sample_categorical
-from md4.diffusion.masked import LogitsFn, antithetic_times, initial_state
+from md4.diffusion.masked import LogitsFn, antithetic_times, boundary_nats, initial_state
 from md4.diffusion.schedules import EPS
 
-T1 = 1e-3
+# beta is floored here; u is floored at 2^-24 (antithetic float32 u are multiples of 2^-23), so
+# that u = 0 gives a finite log t and weight.
+BETA_MIN = 0.01
+U_FLOOR = 2.0**-24
 
 Array = jnp.ndarray
 
@@ -47,14 +54,32 @@ def alpha(t: Array, w: Array, eps: float = EPS) -> Array:
   return 1.0 - (1.0 - eps) * jnp.asarray(t)[..., None] ** w
 
 
-def _log_mask_probs(t: Array, w_x: Array, eps: float) -> tuple[Array, Array]:
-  """(log alpha, log(1 - alpha)) of each token, for t: float[B] and w_x: float[B, L]."""
-  log_masked = math.log1p(-eps) + w_x * jnp.log(t)[:, None]
-  return jnp.log1p(-jnp.exp(log_masked)), log_masked
+def _log_mask_probs(log_t: Array, w_x: Array, eps: float) -> tuple[Array, Array]:
+  """(log alpha, log(1 - alpha)) of each token, for log t: float[B] and w_x: float[B, L]."""
+  log_masked = math.log1p(-eps) + w_x * log_t[:, None]
+  return jnp.log(-jnp.expm1(log_masked)), log_masked
+
+
+def time_exponent(w: Array) -> Array:
+  """beta = min(1, min_v w_v / 2), floored at BETA_MIN, without gradient: float."""
+  return jax.lax.stop_gradient(jnp.clip(0.5 * jnp.min(w), BETA_MIN, 1.0))
+
+
+def sample_times(u: Array, beta: Array) -> tuple[Array, Array]:
+  """Times with density q(t) = (1 + beta t^(beta - 1)) / 2 from u: float[B] in [0, 1).
+
+  u < 1/2 maps to the power law, t = (2u)^(1 / beta); u >= 1/2 to the uniform t = 2u - 1 (so
+  antithetic u put half of the batch in each). Returns (log t, 1 / (t q(t))), both float[B]
+  and finite (u is floored at U_FLOOR).
+  """
+  lower = u < 0.5
+  v = jnp.maximum(jnp.where(lower, 2.0 * u, 2.0 * u - 1.0), U_FLOOR)
+  log_t = jnp.where(lower, jnp.log(v) / beta, jnp.log(v))
+  return log_t, 2.0 / (jnp.exp(log_t) + beta * jnp.exp(beta * log_t))
 
 
 def loss(logits_fn: LogitsFn, x: Array, rng: Array, w: Array, *, vocab_size: int,
-         t1: float = T1, eps: float = EPS) -> tuple[Array, Array]:
+         eps: float = EPS) -> tuple[Array, Array]:
   """RLOO surrogate and NELBO estimate, both in nats per sequence: (float[B], float[B]).
 
   Two independent masks z1, z2 are drawn at the same t (one network call on the 2B inputs).
@@ -72,30 +97,26 @@ def loss(logits_fn: LogitsFn, x: Array, rng: Array, w: Array, *, vocab_size: int
     rng: PRNG key.
     w: exponents float[V] (softplus of the trainable raw parameters).
     vocab_size: V; the mask id is V.
-    t1: smallest time of the diffusion integral; below it the reconstruction term takes over.
     eps: alpha_v(1) = eps.
   """
   time_rng, mask_rng = jax.random.split(rng)
   batch_size, seq_len = x.shape
-  t = t1 + (1.0 - t1) * antithetic_times(time_rng, batch_size)  # float[B] in [t1, 1)
+  log_t, weight = sample_times(antithetic_times(time_rng, batch_size), time_exponent(w))
   w_x = w[x]  # float[B, L]
-  log_keep, log_masked = _log_mask_probs(t, w_x, eps)
+  log_keep, log_masked = _log_mask_probs(log_t, w_x, eps)
   keep = jax.random.uniform(mask_rng, (2, batch_size, seq_len)) < jnp.exp(log_keep)
   log_q = jnp.sum(jnp.where(keep, log_keep, log_masked), axis=-1)  # float[2, B]
 
   z = jnp.where(keep, x, vocab_size).reshape(2 * batch_size, seq_len)
-  logits = logits_fn(z, jnp.tile(t, 2)).astype(jnp.float32)
+  logits = logits_fn(z, jnp.tile(jnp.exp(log_t), 2)).astype(jnp.float32)
   log_mu = jax.nn.log_softmax(logits, axis=-1).reshape(2, batch_size, seq_len, vocab_size)
   log_mu_x = jnp.take_along_axis(log_mu, jnp.broadcast_to(x, (2,) + x.shape)[..., None],
                                  axis=-1)[..., 0]
   # float[2, B, L]: the per-position integrand times t.
   integrand = -w_x * (log_mu_x + 1.0) + jnp.sum(w * jnp.exp(log_mu), axis=-1)
-  diffusion = (1.0 - t1) / t * jnp.sum(jnp.where(keep, 0.0, integrand), axis=-1)  # float[2, B]
-
-  log_v = math.log(vocab_size)
-  reconstruction = (1.0 - eps) * jnp.sum(t1**w_x, axis=-1) * log_v  # float[B]
-  prior = seq_len * eps * log_v
-  l1, l2 = diffusion + reconstruction + prior
+  diffusion = weight * jnp.sum(jnp.where(keep, 0.0, integrand), axis=-1)  # float[2, B]
+  boundary = boundary_nats(seq_len, eps, 0.0, vocab_size)  # prior eps log V; no reconstruction
+  l1, l2 = diffusion + boundary
   nelbo = 0.5 * (l1 + l2)
   surrogate = nelbo + 0.5 * jax.lax.stop_gradient(l1 - l2) * (log_q[0] - log_q[1])
   return surrogate, nelbo

@@ -64,10 +64,20 @@ class GlauberProcess:
     return self.vocab_size
 
   def _visit_keep_probs(self) -> Array:
-    """pi for visits m = 1..K: float[K]."""
+    """pi for visits m = 1..K: float[K] (the ratio itself, accurate when pi is small)."""
     m = jnp.arange(1, self.sweeps + 1, dtype=jnp.float32)
     alpha = self.schedule.alpha
     return jnp.clip(alpha(m / self.sweeps) / alpha((m - 1) / self.sweeps), PI_MIN, PI_MAX)
+
+  def _visit_noise_probs(self) -> Array:
+    """1 - pi for visits m = 1..K: float[K], as (alpha(s) - alpha(t)) / alpha(s), s = (m-1)/K,
+    t = m/K, with alpha(s) - alpha(t) = (1 - alpha(t)) - (1 - alpha(s)) from the closed-form
+    1 - alpha (no cancellation when pi is close to 1)."""
+    m = jnp.arange(1, self.sweeps + 1, dtype=jnp.float32)
+    s, t = (m - 1) / self.sweeps, m / self.sweeps
+    one_minus_alpha = self.schedule.one_minus_alpha
+    noise = (one_minus_alpha(t) - one_minus_alpha(s)) / self.schedule.alpha(s)
+    return jnp.clip(noise, 1.0 - PI_MAX, 1.0 - PI_MIN)
 
   def position(self, t: Array) -> Array:
     """Visited position i_t = t mod L."""
@@ -79,7 +89,7 @@ class GlauberProcess:
 
   def noise_prob(self, t: Array) -> Array:
     """Pi_t(a) = (1 - pi_t) / V, the probability that the visit writes noise token a."""
-    return (1.0 - self.keep_prob(t)) / self.vocab_size
+    return self._visit_noise_probs()[jnp.asarray(t) // self.seq_len] / self.vocab_size
 
   def survival(self, c: Array) -> Array:
     """kappa_c = prod of the first c keep probabilities = alpha(c / K) / alpha(0): float."""
@@ -163,7 +173,7 @@ def loss(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess, *,
   r = kappa * jax.nn.one_hot(clean_i[:, 0], vocab_size) + (1.0 - kappa) / vocab_size  # [B, V]
   if kind == "ce":
     return -jnp.sum(r * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-  noise_weight = (1.0 - pi) / vocab_size
+  noise_weight = process.noise_prob(t)[:, None]
   return -jnp.sum(pi * r * jax.nn.log_sigmoid(logits)
                   + noise_weight * jax.nn.log_sigmoid(-logits), axis=-1)
 

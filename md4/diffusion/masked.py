@@ -78,6 +78,18 @@ def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, ma
   return logits_fn(z, t, head_reduce=reduce)
 
 
+def boundary_nats(seq_len: int, keep_at_one: Array | float, masked_at_zero: Array | float,
+                  vocab_size: int) -> Array | float:
+  """The NELBO's prior and reconstruction terms, nats per sequence (docs/bounds.md).
+
+  Prior at t = 1: a token is still clean with probability keep_at_one = alpha(1); against the
+  prior that keeps a uniform token with that probability (else the mask) the KL is exactly
+  alpha(1) log V per token. Reconstruction at t = 0: a token still masked there, with probability
+  masked_at_zero = 1 - alpha(0), is coded uniformly (log V). MD4 and GenMD4 both use this.
+  """
+  return seq_len * (keep_at_one + masked_at_zero) * math.log(vocab_size)
+
+
 def mask_exactly(rng: Array, x: Array, counts: Array, mask_id: int) -> Array:
   """Masks `counts[b]` positions of row b of x: int[B, L], chosen uniformly at random."""
   ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, x.shape), axis=-1), axis=-1)
@@ -104,7 +116,8 @@ def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, voca
       the schedule, the any-order autoregressive bound
       sum_k E_{|M| = k} [(1 / k) sum_{n in M} -log mu_n(x_n)], of which this is the stratified
       estimate; it avoids the time estimator's rare large 1/t weights (lower variance), and
-      it leaves out the eps-clamp's reconstruction term (a tighter bound by N eps log V).
+      it leaves out the prior and reconstruction terms (`boundary_nats`; a tighter bound by
+      N (alpha(1) + 1 - alpha(0)) log V).
       t = k / L is passed to the network. Continuous time only.
   """
   if estimator not in ("time", "count"):
@@ -118,21 +131,22 @@ def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, voca
     counts = jnp.minimum(jnp.floor(t * seq_len).astype(jnp.int32) + 1, seq_len)  # 1..L
     z = mask_exactly(mask_rng, x, counts, vocab_size)
     t = counts.astype(jnp.float32) / seq_len
-    weight, reconstruction = -seq_len / counts.astype(jnp.float32), 0.0
+    weight, boundary = -seq_len / counts.astype(jnp.float32), 0.0
   else:
     if num_steps:
       t = jnp.maximum(jnp.ceil(t * num_steps), 1.0) / num_steps  # snap up to {1/T, ..., 1}
-      alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(t - 1.0 / num_steps)
-      weight = -num_steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
+      # alpha_s - alpha_t = (1 - alpha_t) - (1 - alpha_s), both in closed form.
+      masked_t = schedule.one_minus_alpha(t)
+      masked_s = schedule.one_minus_alpha(t - 1.0 / num_steps)
+      weight = -num_steps * (masked_t - masked_s) / masked_t
     else:
-      alpha_t = schedule.alpha(t)
       weight = schedule.weight(t)
-    z = mask_tokens(mask_rng, x, alpha_t, vocab_size)
-    # Tokens still masked at t = 0 are bounded by the uniform code length log V.
-    reconstruction = seq_len * (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(vocab_size)
+    z = mask_tokens(mask_rng, x, schedule.alpha(t), vocab_size)
+    boundary = boundary_nats(seq_len, schedule.alpha(jnp.ones(())),
+                             schedule.one_minus_alpha(jnp.zeros(())), vocab_size)
   log_likelihood = _masked_log_likelihood(logits_fn, z, t, x, vocab_size, head_capacity,
                                           head_groups)
-  return weight * log_likelihood + reconstruction
+  return weight * log_likelihood + boundary
 
 
 def time_grid(num_steps: int, grid: str = "uniform") -> Array:
@@ -165,8 +179,8 @@ def reveal_steps(rng: Array, schedule: Schedule, times: Array, shape: tuple[int,
   last step reveals everything. So reveal steps are independent across positions, with
   P(still masked after step i) = (1 - alpha(t_{i+1})) / (1 - alpha(t_0)) (the product telescopes).
   """
-  alpha = schedule.alpha(times)
-  still_masked = ((1.0 - alpha[1:]) / (1.0 - alpha[0])).at[-1].set(0.0)  # [S], decreasing
+  masked = schedule.one_minus_alpha(times)
+  still_masked = (masked[1:] / masked[0]).at[-1].set(0.0)  # [S], decreasing
   u = jax.random.uniform(rng, shape)
   # The number of steps after which the position is still masked, i.e. its reveal step.
   return jnp.searchsorted(-still_masked, -u, side="left").astype(jnp.int32)
