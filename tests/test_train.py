@@ -90,7 +90,7 @@ def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
                   "--config.sampling.every=20")
   assert train.returncode == 0, train.stderr[-3000:]
   tokenizer = os.path.join(workdir, "tokenizer.json")
-  merges = json.load(open(tokenizer))["merges"]
+  merges = json.load(open(tokenizer))["model"]["merges"]
   assert len(merges) == 60 - 27
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   ratio = [r["bits_per_token"] / r["bits_per_char"] for r in records if r["split"] == "train"]
@@ -107,7 +107,7 @@ def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
   evaluated = main_py(workdir, *common, f"--config.data.path={other}", "--mode=eval")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert "bits_per_char=" in evaluated.stdout
-  assert json.load(open(tokenizer))["merges"] == merges
+  assert json.load(open(tokenizer))["model"]["merges"] == merges
   sampled = main_py(workdir, *common, "--mode=sample", "--prompt=the king")
   assert sampled.returncode == 0, sampled.stderr[-3000:]
   text = open(os.path.join(workdir, "samples", "final_step_20.txt")).read()
