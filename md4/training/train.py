@@ -3,17 +3,16 @@ samples and checkpoints."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 
 from md4 import config_lib
 from md4.evaluation import evaluate, samples
 from md4.evaluation.reference import load_reference
-from md4.networks.transformer import count_params
 from md4.training import sharding
 from md4.training.metric_writers import MetricWriter
 from md4.training.run import Run
@@ -36,7 +35,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   config_lib.save(config, workdir)
   state, start = run.restore_or_init()
-  logging.info("parameters: %s", f"{count_params(state['params']):,}")
+  parameter_overview.log_parameter_overview(state["params"], include_stats=False, msg="parameters")
   batch_shape = next(iter(run.data.eval_batches()))[run.data_key].shape[1:]
   tokens_per_step = t.batch_size * int(np.prod(batch_shape))  # tokens, or pixel channels
   chars_per_token = run.data.info.get("train_chars_per_token")
