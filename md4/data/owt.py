@@ -150,7 +150,7 @@ def prepare_owt(out_dir: str | os.PathLike, *, seq_len: int = 1024,
   batch = []
   # A progress bar on stderr (documents/s, tokens/s, and the ETA for openwebtext); none when
   # stderr is not a terminal.
-  with tqdm.tqdm(documents, total=total, desc="owt", unit="doc", disable=None) as bar:
+  with tqdm.tqdm(documents, total=total, desc="owt", unit=" docs", disable=None) as bar:
     for doc in bar:
       batch.append(doc)
       if len(batch) == batch_docs:

@@ -63,13 +63,13 @@ class CharTokenizer:
     return "".join(chars.tolist())
 
 
-_WORDS_PER_PIECE = 1 << 20  # characters per piece of text handed to Hugging Face tokenizers
+_PIECE_CHARS = 1 << 20  # characters per piece of text handed to Hugging Face tokenizers
 OLD_FORMAT = ("{path} holds merges by id, the format of md4's numpy BPE before it used Hugging "
               "Face tokenizers; this version reads only tokenizer.json files: learn the tokenizer "
               "again in a new workdir (or use an older md4 for this one)")
 
 
-def _pieces(text: str, size: int = _WORDS_PER_PIECE) -> Iterator[str]:
+def _pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
   """text8-alphabet text in pieces of about `size` characters, each cut just before a space so
   that the pieces' words are the text's words; any other character is CharTokenizer's error."""
   chars, start = CharTokenizer(), 0
