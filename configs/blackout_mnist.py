@@ -1,7 +1,13 @@
 """Blackout Diffusion on binarized MNIST (N = 1, t_end = 10, T = 1000), as in the paper.
 
-  python -m md4.data.prepare mnist --out data
-  python main.py --config=configs/blackout_mnist.py --workdir=runs/blackout_mnist
+The full MNIST (60,000 training and 10,000 test digits) read from a prepared tfds data_dir
+(`tfds build mnist --file_format=array_record --data_dir DIR` where TensorFlow and the internet
+are available; then --config.data.path=DIR):
+
+  python main.py --config=configs/blackout_mnist.py --workdir=runs/blackout_mnist \
+      --config.data.path=DIR
+
+configs/blackout_mnist5k.py is the same model on the 5k offline subset.
 """
 
 from md4 import config_lib
@@ -10,7 +16,7 @@ from md4 import config_lib
 def get_config():
   c = config_lib.base()
   c.model_type = "blackout"
-  c.data.update(dataset="mnist", path="data/mnist", binarize=True)
+  c.data.update(dataset="mnist", source="tfds", path="", binarize=True)
   c.image_shape = (28, 28, 1)
   c.vocab_size = 2  # counts 0..N
   c.blackout.update(num_steps=1000, t_end=10.0, max_count=1, weighting="instantaneous",

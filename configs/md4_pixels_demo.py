@@ -1,6 +1,6 @@
-"""Tiny MD4 on MNIST digits as 8-bit pixels (256 values, bits per dimension), for a CPU.
+"""Tiny MD4 on mnist5k digits as 8-bit pixels (256 values, bits per dimension), for a CPU.
 
-  python -m md4.data.prepare mnist --out data
+  python -m md4.data.prepare mnist5k --out data
   python main.py --config=configs/md4_pixels_demo.py --workdir=runs/md4_pixels_demo
 """
 

@@ -91,6 +91,7 @@ def base() -> ml_collections.ConfigDict:
       batch_size=32, num_batches=16, weights=("params", "ema"),
       time_samples=1,        # independent time/mask draws per held-out example (fixed keys)
       reference_workdir="",  # an AR run's workdir: samples also report gen_ppl under it
+      reference="",  # gpt2:PATH, a Hugging Face GPT-2 snapshot: gen_ppl under it (docs/gpt2.md)
   ))
   c.sampling = ml_collections.ConfigDict(dict(
       every=0, num_samples=4, num_steps=128, grid="uniform", top_p=0.0, temperature=1.0,

@@ -73,54 +73,69 @@ def test_get_tokenizer_unknown():
     tokenizers.get_tokenizer("wordpiece")
 
 
-def _reference_bpe(text: str, vocab_size: int) -> tuple[list, list]:
-  """Textbook BPE on lists: the most frequent adjacent pair (overlaps counted, ties to the
-  smallest pair), merged left to right; returns the merges and the final sequence."""
-  seq, merges = ["abcdefghijklmnopqrstuvwxyz ".index(c) for c in text], []
-  for new in range(27, vocab_size):
-    counts = collections.Counter(zip(seq[:-1], seq[1:], strict=True))
-    pair = min(counts, key=lambda p: (-counts[p], p))
-    merges.append(pair)
-    out, i = [], 0
-    while i < len(seq):
-      if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
-        out.append(new)
-        i += 2
-      else:
-        out.append(seq[i])
+def _reference_bpe(text: str, merges: list[tuple[str, str]]) -> tuple[list, list]:
+  """Textbook BPE on lists: the text's words (a new word at every space) merged by `merges` in
+  order, each left to right. Returns, per merge, (its pair's count, the largest pair count) before
+  it is applied, and the final ids (the 27 characters, then new pieces as they first appear)."""
+  words, counts = [], []
+  for c in text:
+    if c == " " or not words:
+      words.append([])
+    words[-1].append(c)
+  for a, b in merges:
+    pairs = collections.Counter(p for w in words for p in zip(w[:-1], w[1:], strict=True))
+    counts.append((pairs[a, b], max(pairs.values())))
+    for w in words:
+      i = 0
+      while i + 1 < len(w):
+        if (w[i], w[i + 1]) == (a, b):
+          w[i:i + 2] = [a + b]
         i += 1
-    seq = out
-  return merges, seq
+  ids = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+  for a, b in merges:
+    ids.setdefault(a + b, len(ids))
+  return counts, [ids[piece] for w in words for piece in w]
 
 
-def test_bpe_learns_the_textbook_merges_and_round_trips(tmp_path):
+def test_bpe_learns_valid_merges_and_encodes_like_textbook_bpe(tmp_path):
   text = _random_text(3, 400) + " aaaaaaa eee the the the"  # runs of one letter overlap
-  merges, seq = _reference_bpe(text, 90)
   tok = tokenizers.BPETokenizer.learn(text, 90)
-  assert tok.merges == merges and tok.vocab_size == 90
+  assert tok.vocab_size == 90 and len(tok.pieces) == len(set(tok.pieces)) == 90
+  merges = [(tok.pieces[a], tok.pieces[b]) for a, b in tok.merges]
+  counts, seq = _reference_bpe(text, merges)
+  assert all(count == best >= 2 for count, best in counts)  # each merge a most frequent pair
   assert tok.encode(text).tolist() == seq
   learned, ids = tokenizers.BPETokenizer.learn_encoding(text, 90)
-  assert learned.merges == merges and ids.tolist() == seq
-  other = _random_text(4, 200)  # text the merges were not learned from
+  assert learned.merges == tok.merges and ids.tolist() == seq
+  other = _random_text(4, 200) + "  two  spaces "  # text the merges were not learned from
   ids = tok.encode(other)
   assert tok.decode(ids) == other and len(ids) < len(other)
+  assert ids.tolist() == _reference_bpe(other, merges)[1]
   assert tok.token_lengths.tolist() == [len(tok.decode([i])) for i in range(90)]
-  assert (0, 0) in merges  # the left-to-right rule for "aaa" was exercised
+  assert ("a", "a") in merges  # the left-to-right rule for "aaa" was exercised
   assert tok.decode([5, 90, 6]) == "f_g"  # the mask id is a placeholder
-  path = str(tmp_path / "bpe.json")
+  path = str(tmp_path / "tokenizer.json")
   tok.save(path)
   loaded = tokenizers.get_tokenizer("bpe", path=path)
   assert loaded.merges == tok.merges and loaded.encode(other).tolist() == ids.tolist()
-  for content in ('{"merges": []}', "{not json", "[1, 2]"):
+  hf = __import__("tokenizers").Tokenizer.from_file(path)  # a standard tokenizer.json
+  assert hf.encode(other).ids == ids.tolist() and hf.decode(ids.tolist()) == other
+  for content in ('{"merges": []}', "{not json", "[1, 2]", hf.to_str().replace('"a":0', '"a":1')):
     (tmp_path / "bad.json").write_text(content)
     with pytest.raises(ValueError, match="not a BPE tokenizer file over the text8 alphabet"):
       tokenizers.BPETokenizer.load(str(tmp_path / "bad.json"))
+  old = {"alphabet": "abcdefghijklmnopqrstuvwxyz ", "merges": [[19, 7]]}  # the numpy BPE's file
+  (tmp_path / "old.json").write_text(json.dumps(old))
+  with pytest.raises(ValueError, match="holds merges by id, the format of md4's numpy BPE"):
+    tokenizers.BPETokenizer.load(str(tmp_path / "old.json"))
   with pytest.raises(ValueError, match="must be larger than the 27 characters"):
     tokenizers.BPETokenizer.learn(text, 27)
   with pytest.raises(ValueError, match="too few repeated pairs for a 40-token BPE vocabulary"):
     tokenizers.BPETokenizer.learn("abcdefg", 40)
   with pytest.raises(ValueError, match="CharTokenizer accepts only a-z and space"):
     tok.encode("Capital")
+  with pytest.raises(ValueError, match="CharTokenizer accepts only a-z and space"):
+    tokenizers.BPETokenizer.learn("Capital letters", 30)
 
 
 def test_bpe_pipeline_learns_on_the_training_split_only(corpus, tmp_path):

@@ -1,13 +1,13 @@
 """Image pipelines: shapes, value ranges, resumable iterators, disjoint splits, PNG grids."""
 
+import io
 import pathlib
 import pickle
-import struct
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from md4.data import images
 
@@ -119,46 +119,76 @@ def test_cifar_flips(cifar_archive):
   np.testing.assert_array_equal(batch["images"], test)
 
 
-def read_png(path: pathlib.Path) -> np.ndarray:
-  """Minimal decoder for the 8-bit, filter-0, non-interlaced PNGs that save_image_grid writes."""
-  raw = path.read_bytes()
-  assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-  pos, chunks = 8, {}
-  while pos < len(raw):
-    (length,) = struct.unpack(">I", raw[pos:pos + 4])
-    kind, data = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + length]
-    (crc,) = struct.unpack(">I", raw[pos + 8 + length:pos + 12 + length])
-    assert crc == zlib.crc32(kind + data) & 0xFFFFFFFF
-    chunks[kind] = chunks.get(kind, b"") + data
-    pos += 12 + length
-  width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-  channels = {0: 1, 2: 3}[color]
-  rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, -1)
-  assert depth == 8 and np.all(rows[:, 0] == 0)
-  return rows[:, 1:].reshape(height, width, channels)
-
-
 @pytest.mark.parametrize("channels,max_count", [(1, 1), (3, 255)])
 def test_png_grid(tmp_path, channels, max_count):
   batch = np.random.default_rng(0).integers(0, max_count + 1, (5, H, W, channels))
   path = tmp_path / "samples" / "grid.png"
   images.save_image_grid(batch, path, max_count)
-  grid = read_png(path)
+  with Image.open(path) as png:
+    assert png.format == "PNG" and png.mode == ("L" if channels == 1 else "RGB")
+    grid = np.asarray(png).reshape(png.height, png.width, channels)
   assert grid.shape == (2 * (H + 2) + 2, 3 * (W + 2) + 2, channels)  # 3 columns, 2 rows, pad 2
   np.testing.assert_array_equal(grid[2:2 + H, 2 + (W + 2):2 + (W + 2) + W],
                                 np.round(batch[1] * 255 / max_count))
-  pil = pytest.importorskip("PIL.Image")
-  np.testing.assert_array_equal(np.asarray(pil.open(path)).reshape(grid.shape), grid)
+  assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()  # the padding is black
 
 
-@pytest.mark.skipif(not pathlib.Path("data/mnist/train_images.npy").is_file(),
-                    reason="run `python -m md4.data.prepare mnist --out data` first")
-def test_prepared_mnist():
-  data = images.create_image_datasets({"dataset": "mnist"}, batch_size=50, seed=0)
+@pytest.mark.skipif(not pathlib.Path("data/mnist5k/train_images.npy").is_file(),
+                    reason="run `python -m md4.data.prepare mnist5k --out data` first")
+def test_prepared_mnist5k():
+  data = images.create_image_datasets({"dataset": "mnist5k"}, batch_size=50, seed=0)
   assert data.image_shape == (28, 28, 1) and data.max_count == 1
   assert data.info["train_images"] == 4500 and data.info["eval_images"] == 500
   batch = next(data.train)["images"]
   assert set(np.unique(batch)) == {0, 1} and 0.05 < batch.mean() < 0.25  # mostly background
-  train, test = images.load_images({"dataset": "mnist"})
+  train, test = images.load_images({"dataset": "mnist5k"})
   train_keys = {image.tobytes() for image in train}
   assert not any(image.tobytes() in train_keys for image in test)
+
+
+def _png_file(image: np.ndarray) -> io.BytesIO:
+  """An image as an in-memory PNG file (what tfds stores; its own encoder needs TensorFlow)."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  buffer.seek(0)
+  return buffer
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)),
+                                        ("cifar10", (32, 32, 3))])
+def test_tfds_prepared_images(tmp_path, name, shape):
+  """A tiny tfds directory (ArrayRecord shards + dataset_info.json) made by tfds's own builder of
+  `name` with its downloads replaced, read through data.source=tfds without TensorFlow."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  rng = np.random.default_rng(0)
+  splits = {"train": rng.integers(0, 256, (10, *shape), dtype=np.uint8),
+            "test": rng.integers(0, 256, (4, *shape), dtype=np.uint8)}
+  builder_class = {"mnist": tfds.image_classification.MNIST,
+                   "fashion_mnist": tfds.image_classification.FashionMNIST,
+                   "cifar10": tfds.image_classification.Cifar10}[name]
+
+  class Tiny(builder_class, skip_registration=True):
+    code_path = None  # No checksums file to look up (that lookup needs `importlib_resources`).
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(x) for split, x in splits.items()}
+
+    def _generate_examples(self, x):
+      for i, image in enumerate(x):
+        extra = {"id": f"{i}"} if name == "cifar10" else {}
+        yield i, {"image": _png_file(image), "label": i % 10, **extra}
+
+  Tiny.name = name
+  Tiny(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  assert list(tmp_path.glob(f"{name}/*/dataset_info.json"))
+  assert list(tmp_path.glob(f"{name}/*/{name}-test.array_record-00000-of-00001"))
+  config = {"dataset": name, "source": "tfds", "path": str(tmp_path)}
+  train, test = images.load_images(config)
+  key = lambda x: sorted(image.tobytes() for image in x)  # tfds shuffles the examples
+  assert train.shape == (10, *shape) and key(train) == key(splits["train"])
+  assert test.shape == (4, *shape) and key(test) == key(splits["test"])
+  data = images.create_image_datasets(config, batch_size=2, seed=0)
+  assert data.max_count == (1 if name == "mnist" else 255)  # full MNIST is binarized by default
+  assert data.image_shape == shape and data.info["eval_images"] == 4
+  with pytest.raises(ValueError, match=r"data.source 'npy' is not one of mnist's: \('tfds',\)"):
+    images.load_images({"dataset": "mnist", "source": "npy"})

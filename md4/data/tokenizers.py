@@ -1,5 +1,6 @@
 """Tokenizers: text8 characters (27 ids), byte-pair merges learned over the text8 alphabet
-(`bpe`, any vocabulary size above 27) and GPT-2 byte-level BPE (50257 ids).
+(`bpe`, any vocabulary size above 27, through Hugging Face `tokenizers`) and GPT-2 byte-level BPE
+(50257 ids, through tiktoken).
 
 All expose `encode(str) -> int32[N]`, `decode(ids) -> str` and `vocab_size`; the first two also
 `token_lengths` (characters per id, for bits per character). Ids outside the vocabulary (the
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import tokenizers as hf_tokenizers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_GPT2_RANKS = REPO_ROOT / "data" / "gpt2.tiktoken"
@@ -61,28 +63,42 @@ class CharTokenizer:
     return "".join(chars.tolist())
 
 
-def _merge_pair(ids: np.ndarray, a: int, b: int, new: int) -> np.ndarray:
-  """ids with every occurrence of the pair (a, b) replaced by `new`, left to right."""
-  hits = np.flatnonzero((ids[:-1] == a) & (ids[1:] == b))
-  if a == b and len(hits) > 1:
-    # In a run like "aaa" the pair starts at consecutive positions: keep every other one.
-    starts = np.concatenate([[True], hits[1:] != hits[:-1] + 1])
-    first = np.maximum.accumulate(np.where(starts, np.arange(len(hits)), 0))
-    hits = hits[(np.arange(len(hits)) - first) % 2 == 0]
-  keep = np.ones(len(ids), bool)
-  keep[hits + 1] = False
-  out = ids.copy()
-  out[hits] = new
-  return out[keep]
+_PIECE_CHARS = 1 << 20  # characters per piece of text handed to Hugging Face tokenizers
+OLD_FORMAT = ("{path} holds merges by id, the format of md4's numpy BPE before it used Hugging "
+              "Face tokenizers; this version reads only tokenizer.json files: learn the tokenizer "
+              "again in a new workdir (or use an older md4 for this one)")
+
+
+def _pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
+  """text8-alphabet text in pieces of about `size` characters, each cut just before a space so
+  that the pieces' words are the text's words; any other character is CharTokenizer's error."""
+  chars, start = CharTokenizer(), 0
+  while start < len(text):
+    cut = text.find(" ", start + size)
+    cut = len(text) if cut < 0 else cut
+    piece = text[start:cut]
+    chars.encode(piece)  # checks the alphabet
+    yield piece
+    start = cut
+
+
+def _words_tokenizer(model: hf_tokenizers.models.Model) -> hf_tokenizers.Tokenizer:
+  """A Hugging Face tokenizer of `model` that splits text into words before each space."""
+  tokenizer = hf_tokenizers.Tokenizer(model)
+  tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.Split(" ", "merged_with_next")
+  tokenizer.decoder = hf_tokenizers.decoders.Fuse()
+  return tokenizer
 
 
 class BPETokenizer:
-  """Byte-pair merges over the text8 alphabet: ids 0..26 are CharTokenizer's, id 27 + i is merge
-  i, the concatenation of an earlier pair of ids (it may span a space).
+  """Byte-pair merges over the text8 alphabet, through Hugging Face `tokenizers`: ids 0..26 are
+  CharTokenizer's, later ids the merged pieces in the order they were first made.
 
-  `learn(text, vocab_size)` takes the most frequent adjacent pair vocab_size - 27 times (ties to
-  the smallest pair of ids; a run "aaa" counts two pairs and merges once); `encode` cleans
-  nothing (text8-alphabet text only, like CharTokenizer) and applies the merges in order.
+  Text is split into words before each space (" the" is a word, a merge never spans two words).
+  `learn(text, vocab_size)` runs `tokenizers`' BPE trainer: the most frequent adjacent pair in the
+  words, vocab_size - 27 new pieces (a run "aaa" counts two pairs and merges once; ties are the
+  trainer's); `encode` cleans nothing (text8-alphabet text only, like CharTokenizer) and applies
+  the merges in order. `save` writes a standard tokenizer.json.
   """
 
   placeholder = "_"
@@ -91,64 +107,102 @@ class BPETokenizer:
     self.chars = CharTokenizer()
     self.merges = [(int(a), int(b)) for a, b in merges]
     pieces = list(CharTokenizer.alphabet)
+    ids = {p: i for i, p in enumerate(pieces)}
     for a, b in self.merges:
       if not (0 <= a < len(pieces) and 0 <= b < len(pieces)):
-        raise ValueError(f"BPE merge {len(pieces) - 27} ({a}, {b}) names an id not defined yet")
-      pieces.append(pieces[a] + pieces[b])
+        raise ValueError(f"BPE merge ({a}, {b}) names an id not defined yet")
+      if pieces[a] + pieces[b] not in ids:
+        ids[pieces[a] + pieces[b]] = len(pieces)
+        pieces.append(pieces[a] + pieces[b])
     self.pieces = pieces
     self.vocab_size = len(pieces)
     self.token_lengths = np.array([len(p) for p in pieces], np.int32)
+    self.hf = _words_tokenizer(hf_tokenizers.models.BPE(
+      vocab=ids, merges=[(pieces[a], pieces[b]) for a, b in self.merges]))
+
+  @classmethod
+  def _from_string_merges(cls, merges: Sequence[Sequence[str]]) -> BPETokenizer:
+    """The tokenizer of merges given as pairs of pieces (tokenizer.json's form)."""
+    ids = {c: i for i, c in enumerate(CharTokenizer.alphabet)}
+    pairs = []
+    for a, b in merges:
+      if a not in ids or b not in ids:
+        raise ValueError(f"BPE merge ({a!r}, {b!r}) names a piece not defined yet")
+      pairs.append((ids[a], ids[b]))
+      ids.setdefault(a + b, len(ids))
+    return cls(pairs)
 
   @classmethod
   def learn(cls, text: str, vocab_size: int) -> BPETokenizer:
-    """Learns vocab_size - 27 merges from text8-alphabet text."""
-    return cls.learn_encoding(text, vocab_size)[0]
-
-  @classmethod
-  def learn_encoding(cls, text: str, vocab_size: int) -> tuple[BPETokenizer, np.ndarray]:
-    """`learn`, and the text's ids under the learned merges (which learning computes anyway:
-    the same as `encode(text)`)."""
+    """Learns merges from text8-alphabet text until there are vocab_size ids."""
     base = CharTokenizer.vocab_size
     if vocab_size <= base:
       raise ValueError(f"a BPE vocabulary must be larger than the {base} characters, "
                        f"got {vocab_size}")
-    ids, merges = CharTokenizer().encode(text), []
-    for new in range(base, vocab_size):
-      counts = np.bincount(ids[:-1].astype(np.int64) * new + ids[1:], minlength=new * new)
-      best = int(counts.argmax())
-      if counts[best] < 2:
-        raise ValueError(f"the text has too few repeated pairs for a {vocab_size}-token BPE "
-                         f"vocabulary (it stops at {new})")
-      merges.append(divmod(best, new))
-      ids = _merge_pair(ids, *merges[-1], new)
-    return cls(merges), ids
+    hf = _words_tokenizer(hf_tokenizers.models.BPE())
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=2, special_tokens=[],
+      initial_alphabet=list(CharTokenizer.alphabet), show_progress=False)
+    hf.train_from_iterator(_pieces(text), trainer)
+    learned = cls._from_string_merges(json.loads(hf.to_str())["model"]["merges"])
+    if learned.vocab_size < vocab_size:
+      raise ValueError(f"the text has too few repeated pairs for a {vocab_size}-token BPE "
+                       f"vocabulary (it stops at {learned.vocab_size})")
+    return learned
+
+  @classmethod
+  def learn_encoding(cls, text: str, vocab_size: int) -> tuple[BPETokenizer, np.ndarray]:
+    """`learn`, and the text's ids under the learned merges."""
+    tokenizer = cls.learn(text, vocab_size)
+    return tokenizer, tokenizer.encode(text)
 
   @classmethod
   def load(cls, path: str) -> BPETokenizer:
-    """A tokenizer saved by `save`."""
+    """A tokenizer saved by `save` (a tokenizer.json over the text8 alphabet)."""
     with open(path) as f:
       try:
         saved = json.load(f)
       except json.JSONDecodeError:
         saved = {}
-    if (not isinstance(saved, dict) or saved.get("alphabet") != CharTokenizer.alphabet
-        or "merges" not in saved):
+    if isinstance(saved, dict) and saved.get("alphabet") == CharTokenizer.alphabet:
+      raise ValueError(OLD_FORMAT.format(path=path))
+    model = saved.get("model") if isinstance(saved, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if (not isinstance(vocab, dict) or model.get("type") != "BPE" or "merges" not in model
+        or [vocab.get(c) for c in CharTokenizer.alphabet] != list(range(CharTokenizer.vocab_size))):
       raise ValueError(f"{path} is not a BPE tokenizer file over the text8 alphabet")
-    return cls(saved["merges"])
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    tokenizer = cls._from_string_merges(merges)
+    if tokenizer.pieces != sorted(vocab, key=vocab.get):
+      raise ValueError(f"{path} is not a BPE tokenizer file over the text8 alphabet")
+    return tokenizer
 
   def save(self, path: str) -> None:
-    """Writes the merges as JSON (atomically: a reader never sees half a file)."""
+    """Writes tokenizer.json (atomically: a reader never sees half a file)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump({"alphabet": CharTokenizer.alphabet, "merges": self.merges}, f)
+    self.hf.save(tmp)
     os.replace(tmp, path)
 
   def encode(self, text: str) -> np.ndarray:
-    """Encodes text8-alphabet text to int32[N]; any other character is a ValueError."""
-    ids = self.chars.encode(text)
-    for i, (a, b) in enumerate(self.merges):
-      ids = _merge_pair(ids, a, b, CharTokenizer.vocab_size + i)
-    return ids
+    """Encodes text8-alphabet text to int32[N]; any other character is a ValueError.
+
+    `tokenizers` encodes each distinct word once; the text's ids are gathered from those.
+    """
+    index: dict = {}  # word -> its number; " " + w is keyed by w, the text's first word by (w,)
+    occurrences = [np.zeros(0, np.int64)]
+    for piece in _pieces(text):
+      words: list = piece.split(" ")  # each piece but the text's first starts with a space
+      words[:1] = [(words[0],)] if words[0] else []
+      for w in dict.fromkeys(words):
+        index.setdefault(w, len(index))
+      occurrences.append(np.fromiter(map(index.__getitem__, words), np.int64, len(words)))
+    encoded = self.hf.encode_batch_fast([w[0] if isinstance(w, tuple) else " " + w for w in index],
+                                        add_special_tokens=False)
+    lengths = np.array([len(e.ids) for e in encoded], np.int64)
+    flat = np.array([i for e in encoded for i in e.ids], np.int32)
+    occ = np.concatenate(occurrences)
+    n, starts = lengths[occ], (np.cumsum(lengths) - lengths)[occ]
+    return flat[np.repeat(starts - (np.cumsum(n) - n), n) + np.arange(n.sum())]
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Decodes ids; ids outside the vocabulary (e.g. the mask id) become '_'."""

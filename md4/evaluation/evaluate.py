@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 from jax.sharding import Mesh
 
 from md4.training import sharding
@@ -48,6 +49,8 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
   """
   values: dict[str, list[np.ndarray]] = {}
   count = dims = 0
+  batches = tqdm.tqdm(batches, total=num_batches or None, desc="held-out", unit="batch",
+                      leave=False, disable=None)  # on stderr, only when it is a terminal
   for i, batch in enumerate(batches):
     if num_batches and i >= num_batches:
       break

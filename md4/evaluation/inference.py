@@ -13,7 +13,7 @@ import numpy as np
 
 from md4.data import images
 from md4.evaluation import infill, samples
-from md4.evaluation.reference import check_reference_tokenizer, load_reference
+from md4.evaluation.reference import load_reference
 from md4.training.metric_writers import MetricWriter
 from md4.training.run import Run, load_for_inference
 
@@ -82,9 +82,8 @@ def sample_only(config: ml_collections.ConfigDict, workdir: str, *, prompt: str 
   kind = conditioning(config, prompt=prompt, infill_text=infill_text, infill_region=infill_region)
   if kind == "region":  # checked before anything is loaded
     region_mask = infill.image_region(tuple(config.image_shape), infill_region)
-  reference = load_reference(config)
   run, state, step = load_for_inference(config, workdir)
-  check_reference_tokenizer(config, getattr(run.data, "tokenizer", None))
+  reference = load_reference(config, getattr(run.data, "tokenizer", None))
   known = known_mask = None
   if kind == "prompt":
     length = len(run.data.tokenizer.encode(prompt))

@@ -9,11 +9,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 
 from md4 import config_lib
 from md4.evaluation import evaluate, samples
 from md4.evaluation.reference import load_reference
-from md4.networks.transformer import count_params
 from md4.training import metric_writers, sharding
 from md4.training.lock import WorkdirLock
 from md4.training.metric_writers import MetricWriter
@@ -57,7 +57,7 @@ def _train(run: Run, changes: dict) -> dict:
   writer = MetricWriter(workdir, enabled=is_writer, resumed_at=start)
   if changes:
     writer.write(start, "resume", {"changes": {k: list(v) for k, v in changes.items()}})
-  logging.info("parameters: %s", f"{count_params(state['params']):,}")
+  parameter_overview.log_parameter_overview(state["params"], include_stats=False, msg="parameters")
   batch_shape = next(iter(run.data.eval_batches()))[run.data_key].shape[1:]
   tokens_per_step = t.batch_size * int(np.prod(batch_shape))  # tokens, or pixel channels
   chars_per_token = run.data.info.get("train_chars_per_token")
