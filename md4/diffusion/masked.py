@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from md4.diffusion.categorical import adjust_logits, sample_categorical
+from md4.diffusion.cross_entropy import log_prob
 from md4.diffusion.schedules import Schedule
 
 Array = jnp.ndarray
@@ -62,8 +63,7 @@ def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, ma
   masked = z == mask_id
 
   def from_full(logits: Array) -> Array:
-    log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_mu_x = jnp.take_along_axis(log_mu, x[..., None], axis=-1)[..., 0]
+    log_mu_x = log_prob(logits, x)
     return jnp.sum(jnp.where(masked, log_mu_x, 0.0), axis=-1)
 
   if head_capacity is None:
@@ -80,8 +80,7 @@ def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, ma
   rows = jax.nn.one_hot(index // z.shape[1], z.shape[0] // head_groups, dtype=jnp.float32)
 
   def from_gathered(logits: Array) -> Array:
-    log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_mu_x = jnp.take_along_axis(log_mu, targets[..., None], axis=-1)[..., 0]
+    log_mu_x = log_prob(logits, targets)
     per_row = jnp.einsum("gc,gcr->gr", jnp.where(valid, log_mu_x, 0.0), rows,
                          precision=jax.lax.Precision.HIGHEST)
     return per_row.reshape(-1)

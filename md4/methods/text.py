@@ -13,6 +13,7 @@ import ml_collections
 
 from md4.diffusion import genmd4, glauber, masked
 from md4.diffusion.categorical import adjust_logits, sample_categorical
+from md4.diffusion.cross_entropy import log_prob
 from md4.diffusion.schedules import get_schedule
 from md4.networks import DTYPES, apply_fn, partitioning
 from md4.networks.transformer import Transformer
@@ -227,8 +228,7 @@ class AR:
   def nll(self, params, tokens, rng=None, train=False) -> Array:
     """Negative log-likelihood in nats per sequence: float[B]."""
     logits = network_fn(self.model, params, rng, train)(self._inputs(tokens), None)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0].sum(axis=1)
+    return -log_prob(logits, tokens).sum(axis=1)
 
   def loss(self, params, tokens, rng, train=True):
     loss = self.nll(params, tokens, rng, train).mean() / tokens.shape[1]
