@@ -2,8 +2,9 @@
 
   python -m md4.tools.memory_budget
 
-Parameter counts are exact (jax.eval_shape of the real model, no memory used); activation sizes
-are estimates from the formulas printed with the tables.
+Parameter counts are exact (jax.eval_shape of the real model, no memory used); the other terms
+follow `predict`'s formulas, which `python -m md4.tools.bench memory` checks against the compiled
+train step.
 """
 
 from __future__ import annotations
@@ -28,23 +29,18 @@ SETUPS = {
 }
 
 
-def param_count(depth: int, width: int, heads: int) -> tuple[int, int]:
-  """(parameter count, MLP hidden size) of the MD4 transformer at seq 1024, vocab 50257."""
+def owt_config(name: str, data: int = 1, fsdp: int = 1, grad_accum: int = 1,
+               remat: bool = False) -> config_lib.ml_collections.ConfigDict:
+  """configs/owt.py's settings (bfloat16, GPT-2 vocabulary, seq 1024) at model `name` and a mesh;
+  attention as `auto` runs it on TPU (splash: a flash kernel)."""
+  depth, width, heads = MODELS[name]
   c = config_lib.base()
   c.seq_len, c.vocab_size = SEQ, VOCAB
   c.model.update(depth=depth, width=width, num_heads=heads, time_conditioning=False,
-                 dtype="bfloat16")
-  shapes = jax.eval_shape(methods.create(c, VOCAB).init, jax.random.key(0))
-  mlp_hidden = 32 * math.ceil(2 / 3 * c.model.mlp_ratio * width / 32)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)), mlp_hidden
-
-
-def activations_per_seq(depth: int, width: int, hidden: int, remat: bool) -> float:
-  """Bytes kept for the backward pass per sequence (bf16 matmuls, float32 residual stream, a
-  flash attention kernel); see `trunk_bytes_per_token`. The head adds `head_bytes_per_token`."""
-  per_layer = trunk_bytes_per_token(width, hidden, 2)
-  blocks = depth * SEQ * 4 * width + SEQ * per_layer if remat else depth * SEQ * per_layer
-  return blocks + SEQ * head_bytes_per_token(padded(VOCAB))
+                 dtype="bfloat16", remat=remat, attention="splash")
+  c.training.update(batch_size=GLOBAL_BATCH, grad_accum=grad_accum)
+  c.mesh.update(data=data, fsdp=fsdp)
+  return c
 
 
 def padded(vocab: int) -> int:
@@ -113,38 +109,27 @@ def predict(config, devices: int) -> dict:
 
 
 def main() -> None:
-  counts = {name: param_count(*dims) for name, dims in MODELS.items()}
   print("| model | params | params+EMA (f32) | Adam mu+nu (f32) | grads (f32) | state total |")
   print("|---|---|---|---|---|---|")
-  for name, (p, _) in counts.items():
+  for name in MODELS:
+    p = predict(owt_config(name), 1)["params"]
     print(f"| {name} | {p / 1e6:.1f} M | {8 * p / GB:.2f} GB | {8 * p / GB:.2f} GB | "
           f"{4 * p / GB:.2f} GB | {20 * p / GB:.2f} GB |")
   print()
   print(f"Global batch {GLOBAL_BATCH} x {SEQ} tokens; "
-        "micro-batch/chip = batch / grad_accum / chips.")
+        "micro-batch/chip = batch / grad_accum / chips; GB per chip.")
   print()
   print("| hardware | model | chips | mesh (data, fsdp) | grad_accum | micro-batch/chip | remat | "
-        "state/chip | activations/chip | total/chip | HBM |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        + " | ".join(TERMS) + " | total | HBM |")
+  print("|---|---|---|---|---|---|---|" + "---|" * len(TERMS) + "---|---|")
   for hardware, (hbm, rows) in SETUPS.items():
     for name, chips, data, fsdp, accum, remat in rows:
       assert data * fsdp == chips
-      per_chip = GLOBAL_BATCH // accum // chips
-      p, hidden = counts[name]
-      depth, width, _ = MODELS[name]
-      state = 20 * p / fsdp / GB  # params, EMA, mu, nu and grads, each split over fsdp
-      acts = per_chip * activations_per_seq(depth, width, hidden, remat) / GB
-      print(f"| {hardware} | {name} | {chips} | ({data}, {fsdp}) | {accum} | {per_chip} | "
-            f"{'yes' if remat else 'no'} | {state:.2f} GB | {acts:.2f} GB | "
-            f"{state + acts:.2f} GB | {hbm} GB |")
-  print()
-  print("Activations per sequence (GB):")
-  for name, (depth, width, _) in MODELS.items():
-    hidden = counts[name][1]
-    print(f"  {name} (mlp hidden {hidden}): no remat "
-          f"{activations_per_seq(depth, width, hidden, False) / GB:.3f}, remat "
-          f"{activations_per_seq(depth, width, hidden, True) / GB:.3f}, of which head "
-          f"{SEQ * 8 * VOCAB / GB:.3f}")
+      r = predict(owt_config(name, data, fsdp, accum, remat), chips)
+      terms = " | ".join(f"{r[k] / GB:.2f}" for k in TERMS)
+      print(f"| {hardware} | {name} | {chips} | ({data}, {fsdp}) | {accum} | "
+            f"{GLOBAL_BATCH // accum // chips} | {'yes' if remat else 'no'} | {terms} | "
+            f"{r['total'] / GB:.2f} | {hbm} GB |")
 
 
 if __name__ == "__main__":
