@@ -7,7 +7,6 @@ anything is built, so a bad value ends in one clear error line instead of a fail
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -260,11 +259,11 @@ def check_reference(config: ml_collections.ConfigDict,
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the resolved config to workdir/config.json (process 0)."""
+  """Writes the resolved config to workdir/config.json (process 0; a local or bucket path)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

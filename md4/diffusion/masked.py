@@ -11,18 +11,34 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from md4.diffusion.categorical import adjust_logits, sample_categorical
+from md4.diffusion.cross_entropy import log_prob
 from md4.diffusion.schedules import Schedule
 
 Array = jnp.ndarray
 LogitsFn = Callable[..., Array]
 
 
+def interleaved_strata(n: int) -> np.ndarray:
+  """0..n-1 in bit-reversed (van der Corput) order, int[n]: for n a power of two, every block of
+  n / 2^k consecutive entries holds one value from each of its strata [j n / 2^k ... )."""
+  bits = max(n - 1, 0).bit_length()
+  order = np.array([int(f"{i:0{bits}b}"[::-1], 2) for i in range(2**bits)])
+  return order[order < n]
+
+
 def antithetic_times(rng: Array, batch_size: int) -> Array:
-  """Stratified times t_i = (u + i / B) mod 1 with one shared u ~ U[0, 1): float[B]."""
+  """Stratified times t_i = (u + s_i / B) mod 1 with one shared u ~ U[0, 1): float[B].
+
+  The strata s = interleaved_strata(B) are a bit-reversed permutation of 0..B-1, so that each
+  contiguous block of rows (one device's share of a batch-sharded batch) covers all of [0, 1)
+  and the devices see equal numbers of masked tokens.
+  """
   u = jax.random.uniform(rng, ())
-  return jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+  strata = jnp.asarray(interleaved_strata(batch_size), jnp.float32)
+  return jnp.mod(u + strata / batch_size, 1.0)
 
 
 def mask_tokens(rng: Array, x: Array, keep_prob: Array, mask_id: int) -> Array:
@@ -47,8 +63,7 @@ def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, ma
   masked = z == mask_id
 
   def from_full(logits: Array) -> Array:
-    log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_mu_x = jnp.take_along_axis(log_mu, x[..., None], axis=-1)[..., 0]
+    log_mu_x = log_prob(logits, x)
     return jnp.sum(jnp.where(masked, log_mu_x, 0.0), axis=-1)
 
   if head_capacity is None:
@@ -65,8 +80,7 @@ def _masked_log_likelihood(logits_fn: LogitsFn, z: Array, t: Array, x: Array, ma
   rows = jax.nn.one_hot(index // z.shape[1], z.shape[0] // head_groups, dtype=jnp.float32)
 
   def from_gathered(logits: Array) -> Array:
-    log_mu = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_mu_x = jnp.take_along_axis(log_mu, targets[..., None], axis=-1)[..., 0]
+    log_mu_x = log_prob(logits, targets)
     per_row = jnp.einsum("gc,gcr->gr", jnp.where(valid, log_mu_x, 0.0), rows,
                          precision=jax.lax.Precision.HIGHEST)
     return per_row.reshape(-1)

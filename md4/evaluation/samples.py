@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from md4.data import images
 from md4.evaluation import evaluate, infill
@@ -33,16 +33,17 @@ def draw(run: Run, params: Any, step: int, *, known=None, known_mask=None,
   else:
     samples = run.sample_step(params, rng, num, known, known_mask)
   samples = np.asarray(samples)
-  path = os.path.join(run.workdir, "samples", name or f"step_{step}")
+  directory = epath.Path(run.workdir) / "samples"  # a local or bucket path
+  path = str(directory / (name or f"step_{step}"))
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     if run.is_image:
       shown = samples if known_mask is None else infill.side_by_side(
           known, known_mask, samples, fill=run.data.max_count // 2)
       images.save_image_grid(shown, path + ".png", run.data.max_count)
     else:
-      with open(path + ".txt", "w") as f:
-        f.write("\n\n".join(run.data.tokenizer.decode(row) for row in samples) + "\n")
+      epath.Path(path + ".txt").write_text(
+          "\n\n".join(run.data.tokenizer.decode(row) for row in samples) + "\n")
   if run.is_image:
     return {"mean_intensity": float(samples.mean() / run.data.max_count), **calls}
   report = {"unigram_entropy": float(evaluate.unigram_entropy(samples).mean()), **calls}

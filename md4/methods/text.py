@@ -14,6 +14,7 @@ import ml_collections
 
 from md4.diffusion import blocks, confidence, genmd4, glauber, guidance, masked, remasking
 from md4.diffusion.categorical import adjust_logits, sample_categorical
+from md4.diffusion.cross_entropy import log_prob
 from md4.diffusion.schedules import Schedule, get_schedule
 from md4.networks import DTYPES, apply_fn, partitioning
 from md4.networks.transformer import Transformer
@@ -275,8 +276,7 @@ class AR:
   def nll(self, params, tokens, rng=None, train=False) -> Array:
     """Negative log-likelihood in nats per sequence: float[B]."""
     logits = network_fn(self.model, params, rng, train)(self._inputs(tokens), None)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0].sum(axis=1)
+    return -log_prob(logits, tokens).sum(axis=1)
 
   def loss(self, params, tokens, rng, train=True):
     loss = self.nll(params, tokens, rng, train).mean() / tokens.shape[1]

@@ -17,6 +17,11 @@ more token axes, so a 2-D x gets a leading axis of one.
 
 `out_dtype=float32` returns the float32 accumulator itself instead of rounding it to x's dtype:
 the output head of a bfloat16 model uses it, so that its logits carry float32 precision.
+
+`bias` is added to the accumulator, and its gradient summed (in float32) from the same
+`operand_dtype` copy of dy that dx and dW use: dy then has a single consumer, so XLA fuses the
+loss's elementwise backward into that cast and never stores a float32 copy of a [tokens, 50k]
+head gradient (the bias gradient is rounded as the kernel's is).
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def _contract_last(a: Array, b: Array, b_axis: int, out_dtype: Any = None) -> Ar
                          preferred_element_type=out_dtype)
 
 
-def matmul(x: Array, w: Array, operand_dtype: Any = None, out_dtype: Any = None) -> Array:
-  """x[..., K] @ w[K, N] -> [..., N] in `out_dtype` (default x's dtype); operands in
+def matmul(x: Array, w: Array, operand_dtype: Any = None, out_dtype: Any = None,
+           bias: Array | None = None) -> Array:
+  """x[..., K] @ w[K, N] (+ bias[N]) -> [..., N] in `out_dtype` (default x's dtype); operands in
   `operand_dtype` if given, accumulated in float32."""
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   if out_dtype != x.dtype and operand_dtype is None:
@@ -59,29 +65,37 @@ def matmul(x: Array, w: Array, operand_dtype: Any = None, out_dtype: Any = None)
   if (operand_dtype is not None and jnp.dtype(operand_dtype) == jnp.float32
       and x.dtype == w.dtype == out_dtype == jnp.float32):
     operand_dtype = None  # plain float32: the fast-gradient path below
-  return _matmul(x, w, operand_dtype, (w.dtype, x.dtype, out_dtype))
+  bias_dtype = None if bias is None else bias.dtype
+  return _matmul(x, w, bias, operand_dtype, (w.dtype, x.dtype, out_dtype, bias_dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x: Array, w: Array, operand_dtype: Any, dtypes: tuple) -> Array:
-  return _matmul_fwd(x, w, operand_dtype, dtypes)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _matmul(x: Array, w: Array, bias: Array | None, operand_dtype: Any, dtypes: tuple) -> Array:
+  return _matmul_fwd(x, w, bias, operand_dtype, dtypes)[0]
 
 
-def _matmul_fwd(x: Array, w: Array, operand_dtype: Any,
+def _matmul_fwd(x: Array, w: Array, bias: Array | None, operand_dtype: Any,
                 dtypes: tuple) -> tuple[Array, tuple[Array, Array]]:
   if operand_dtype is None:
-    return _contract_last(x, w, 0), (x, w)
-  xo, wo = x.astype(operand_dtype), w.astype(operand_dtype)
-  return _contract_last(xo, wo, 0, jnp.float32).astype(dtypes[2]), (xo, wo)
+    y = _contract_last(x, w, 0)
+  else:
+    x, w = x.astype(operand_dtype), w.astype(operand_dtype)
+    y = _contract_last(x, w, 0, jnp.float32)
+  if bias is not None:
+    y = y + bias
+  return y.astype(dtypes[2]), (x, w)
 
 
 def _matmul_bwd(operand_dtype: Any, dtypes: tuple, residuals: tuple[Array, Array],
-                dy: Array) -> tuple[Array, Array]:
+                dy: Array) -> tuple[Array, Array, Array | None]:
   x, w = residuals  # in operand_dtype when it is given
-  w_dtype, x_dtype, _ = dtypes
+  w_dtype, x_dtype, _, bias_dtype = dtypes
   tokens = tuple(range(x.ndim - 1))
   if operand_dtype is not None:
     dy = dy.astype(operand_dtype)
+  d_bias = None if bias_dtype is None else jnp.sum(
+      dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1))).astype(bias_dtype)
+  if operand_dtype is not None:
     dx = _contract_last(dy, w, 1, jnp.float32)
     if x.ndim == 2:
       x, dy, tokens = x[None], dy[None], (0, 1)
@@ -92,7 +106,7 @@ def _matmul_bwd(operand_dtype: Any, dtypes: tuple, residuals: tuple[Array, Array
       dw = lax.dot_general(dy, x, ((tokens, tokens), ((), ()))).T  # transposes dy: [N, tokens]
     else:
       dw = lax.dot_general(x, dy, ((tokens, tokens), ((), ())))  # transposes x: [K, tokens]
-  return dx.astype(x_dtype), dw.astype(w_dtype)
+  return dx.astype(x_dtype), dw.astype(w_dtype), d_bias
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -249,7 +249,7 @@ class Transformer(nn.Module):
 
     def head(index: Array | None) -> Array:
       h = x if index is None else gather_groups(x, jnp.asarray(index).reshape(len(index), -1))
-      logits = matmul(h, kernel, operand_dtype, jnp.float32) + bias
+      logits = matmul(h, kernel, operand_dtype, jnp.float32, bias)
       if columns > self.vocab_size:
         logits = jnp.where(jnp.arange(columns) < self.vocab_size, logits, -jnp.inf)
       logits = partitioning.constrain_batch(logits)

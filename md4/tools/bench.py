@@ -245,6 +245,11 @@ def compile_train_step(config) -> tuple[jax.stages.Compiled, dict]:
 
 
 def cmd_memory(args, config) -> dict:
+  if config.model.attention == "auto":
+    # The accelerator's program: auto picks splash on TPU (a flash kernel, as cuDNN's on GPU),
+    # compiled here in Pallas interpret mode; XLA:CPU's own choice would keep L x L matrices.
+    config.model.attention = "splash"
+    print("model.attention=auto compiled as splash (TPU's choice; Pallas interpret mode here)")
   compiled, _ = compile_train_step(config)
   stats = compiled.memory_analysis()
   compiled_bytes = (stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -253,9 +258,10 @@ def cmd_memory(args, config) -> dict:
   print(f"{jax.device_count()} devices, mesh (data, fsdp) = ({config.mesh.data}, "
         f"{config.mesh.fsdp}); per device: arguments {stats.argument_size_in_bytes / 1e9:.3f} GB, "
         f"temporaries {stats.temp_size_in_bytes / 1e9:.3f} GB")
+  terms = ", ".join(f"{k} {predicted[k] / 1e9:.3f}" for k in memory_budget.TERMS)
   print(f"compiled {compiled_bytes / 1e9:.3f} GB per device, predicted "
-        f"{predicted['total'] / 1e9:.3f} GB (state {predicted['state'] / 1e9:.3f}, activations "
-        f"{predicted['activations'] / 1e9:.3f}): ratio {compiled_bytes / predicted['total']:.3f}")
+        f"{predicted['total'] / 1e9:.3f} GB ({terms}): ratio "
+        f"{compiled_bytes / predicted['total']:.3f}")
   return {"devices": jax.device_count(), "mesh": [config.mesh.data, config.mesh.fsdp],
           "compiled_bytes_per_device": compiled_bytes,
           "predicted_bytes_per_device": predicted["total"], "predicted": predicted,

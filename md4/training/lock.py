@@ -5,12 +5,14 @@ releases it when the process ends, however it ends (a SIGKILL too), so no stale 
 behind. A run that stops before writing anything into a workdir it created removes the workdir
 again. Whether it was taken is shared with every process, so that all processes of a second run
 stop at once. flock is only as good as the filesystem's support for it: on a network filesystem
-without it, two hosts can still both believe they hold the lock.
+without it, two hosts can still both believe they hold the lock. A bucket workdir (gs://...) has
+no flock at all: it is not locked (one logged line), so keep one run per bucket directory.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 
@@ -31,6 +33,9 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
+    if "://" in workdir:
+      logging.warning("workdir %s is not locked: a bucket path has no flock", workdir)
+      return
     self._created = not os.path.exists(workdir)
     holder = ""
     if jax.process_index() == 0:
