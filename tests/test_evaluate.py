@@ -195,9 +195,9 @@ def test_reference_is_checked_up_front(runs, tmp_path, change, message):
 
 
 def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
-  reference = config_lib.base()
-  reference.model_type, reference.data.tokenizer = "ar", "bpe"
-  config_lib.save(reference, str(tmp_path))
+  saved = config_lib.base()  # (not `reference`: that is the module under test)
+  saved.model_type, saved.data.tokenizer = "ar", "bpe"
+  config_lib.save(saved, str(tmp_path))
   config = config_lib.base()
   config.eval.reference_workdir = str(tmp_path)
   text = "to be or not to be that is the question " * 20
