@@ -48,11 +48,16 @@ demo: setup tcmalloc data
 lint: setup
 	$(PY) -m ruff check .
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), a file's tests in one process so that
+# its module fixtures are built once; the tests mostly wait on single-threaded XLA compiles.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup tcmalloc data lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-slow: setup data
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 test-all: test test-slow
 

@@ -36,15 +36,21 @@ def base() -> ml_collections.ConfigDict:
       dataset="text_files",  # text8 | text_files | owt | tfds
       tokenizer="char",      # char | bpe | gpt2
       tokenizer_path="",     # gpt2: its ranks file; bpe: merges file (read, or learned and written)
-      path="data/shakespeare",
-      holdout_fraction=0.1,
-      tfds_name="", tfds_data_dir="", tfds_train_split="train", tfds_eval_split="validation",
-      text_key="text",
+      path="data/shakespeare",  # the dataset's file or directory (tfds: its data_dir)
+      holdout_fraction=0.1,  # text_files: the last fraction of the corpus is held out
+      eval_split="valid",    # text8: valid | test
+      tfds_name="", tfds_train_split="train", tfds_eval_split="validation", text_key="text",
+      source="",             # images: "" (the dataset's default) | tfds | npy | pickle
+      # Images; None: the dataset's default (binarize: mnist; flip: cifar10).
+      binarize=ml_collections.FieldReference(None, field_type=bool),  # threshold at 128 to {0, 1}
+      flip=ml_collections.FieldReference(None, field_type=bool),  # random horizontal flips
       read_threads=2, prefetch=8,  # grain reader threads and prefetch depth for training
   ))
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, dropout=0.0, dtype="float32",
-      matmul_dtype="",  # bfloat16: dense layers' operands only, float32 accumulation ("": dtype)
+      # bfloat16: dense layers' operands only, float32 accumulation; "": dtype; auto: bfloat16
+      # on a CPU with AMX, else dtype (resolved and logged when the model is built)
+      matmul_dtype="",
       mlp="swiglu",  # swiglu | relu2 (squared ReLU, hidden mlp_ratio * width)
       norm="layernorm",  # layernorm | rmsnorm
       time_conditioning=True, remat=False,
@@ -67,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
   c.unet = ml_collections.ConfigDict(dict(
       base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(7,),
       num_heads=4, dropout=0.0, dtype="float32",
+      embed_dim=32,  # md4_pixels: embedding width per channel value
   ))
   c.blackout = ml_collections.ConfigDict(dict(
       num_steps=1000, t_end=10.0, max_count=1, weighting="instantaneous", sampler="tau_leaping",
@@ -129,8 +136,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.seq_len > 0, f"seq_len must be positive, got {config.seq_len}")
   _require(m.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, "
            f"got {m.dtype!r}")
-  _require(m.matmul_dtype in ("", "float32", "bfloat16"),
-           f"model.matmul_dtype must be '', float32 or bfloat16, got {m.matmul_dtype!r}")
+  _require(m.matmul_dtype in ("", "float32", "bfloat16", "auto"),
+           f"model.matmul_dtype must be '', float32, bfloat16 or auto, got {m.matmul_dtype!r}")
   _require(m.mlp in ("swiglu", "relu2"), f"model.mlp must be swiglu or relu2, got {m.mlp!r}")
   _require(m.norm in ("layernorm", "rmsnorm"),
            f"model.norm must be layernorm or rmsnorm, got {m.norm!r}")

@@ -38,6 +38,30 @@ def test_fields_missing_from_an_older_run_get_defaults(tmp_path):
   assert loaded.sampling.grid == config_lib.base().sampling.grid
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"diffusion.schedule": "poly"}, "unknown schedule 'poly'"),
+    ({"training.grad_accum": 3}, "not divisible"),
+    ({"model_type": "ar", "model.time_conditioning": True}, "set model.time_conditioning=False"),
+    ({"optimizer.name": "sgd"}, "optimizer.name must be adamw or muon"),
+    ({"model.matmul_dtype": "float16"}, "model.matmul_dtype must be"),
+    ({"diffusion.train_estimator": "count", "model.time_conditioning": True},
+     "needs model.time_conditioning=False"),
+])
+def test_inconsistent_values_are_one_clear_error(overrides, message):
+  """What main.py reports as one line (tests/test_train.py runs one such case end to end)."""
+  config = config_lib.base()
+  config.training.batch_size = 8  # with grad_accum 3: a micro-batch that is not whole
+  for field, value in overrides.items():
+    *sections, name = field.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    target[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message) as error:
+    config_lib.validate(config)
+  assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("model.mlp", "gelu", "model.mlp must be swiglu or relu2"),
     ("model.norm", "batchnorm", "model.norm must be layernorm or rmsnorm"),

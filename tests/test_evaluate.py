@@ -196,9 +196,9 @@ def test_reference_is_checked_up_front(runs, tmp_path, change, message):
 
 
 def test_a_bpe_reference_must_share_the_runs_merges(tmp_path):
-  ar_config = config_lib.base()
-  ar_config.model_type, ar_config.data.tokenizer = "ar", "bpe"
-  config_lib.save(ar_config, str(tmp_path))
+  saved = config_lib.base()  # (not `reference`: that is the module under test)
+  saved.model_type, saved.data.tokenizer = "ar", "bpe"
+  config_lib.save(saved, str(tmp_path))
   config = config_lib.base()
   config.eval.reference_workdir = str(tmp_path)
   text = "to be or not to be that is the question " * 20

@@ -98,7 +98,7 @@ def numpy_nats(w: dict, ids: list, window: int) -> tuple[float, int]:
 def test_logits_match_a_numpy_forward_pass(tmp_path, prefix):
   w = write_checkpoint(str(tmp_path), vocab=97, layers=2, heads=2, prefix=prefix)
   model, params = gpt2.load_gpt2(str(tmp_path))
-  assert (model.config.n_layer, model.config.n_head, model.config.n_positions) == (2, 2, 8)
+  assert (model.hparams.n_layer, model.hparams.n_head, model.hparams.n_positions) == (2, 2, 8)
   tokens = np.random.default_rng(1).integers(0, 97, (3, 8)).astype(np.int32)
   logits = np.asarray(model.apply({"params": params}, tokens))
   assert logits.shape == (3, 8, 97) and logits.std() > 0.5

@@ -64,7 +64,8 @@ def test_accumulation_averages_micro_batches():
   tokens = np.random.default_rng(0).integers(0, c.vocab_size, (8, 16), np.int32)
   _, metrics = step(state, {"tokens": tokens})
   keys = jax.random.split(jax.random.fold_in(rng, 0), 2)
-  micro = [float(method.loss(state["params"], half, key)[0])
+  loss = jax.jit(method.loss)
+  micro = [float(loss(state["params"], half, key)[0])
            for half, key in zip(np.split(tokens, 2), keys, strict=True)]
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(micro), rtol=1e-5)
 
@@ -75,7 +76,7 @@ def test_muon_orthogonalises_block_matrices_and_adam_updates_the_rest():
   c.model.update(width=32, depth=2, num_heads=2, time_conditioning=False)
   c.optimizer.update(name="muon", lr=1e-3, muon_lr=0.02, warmup_steps=0, schedule="constant",
                      grad_clip=0.0)
-  params = methods.create(c, c.vocab_size).init(jax.random.key(0))
+  params = jax.jit(methods.create(c, c.vocab_size).init)(jax.random.key(0))
   tx, _ = make_optimizer(c, 10)
   rng = np.random.default_rng(0)
 
@@ -87,7 +88,7 @@ def test_muon_orthogonalises_block_matrices_and_adam_updates_the_rest():
     return (u * np.geomspace(1, 20, min(p.shape))) @ v.T
 
   grads = jax.tree.map(ill_conditioned, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   muon_names = set()
   for path, u in jax.tree_util.tree_leaves_with_path(updates):
     name = jax.tree_util.keystr(path)

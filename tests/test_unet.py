@@ -84,3 +84,17 @@ def test_bfloat16_activations_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   out = jax.jit(model.apply)({"params": params}, x, jnp.zeros(1))
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_time_embedding_is_the_transformers():
+  """The UNet's time features are the transformer's sinusoids at its width (one function):
+  cos and sin of 1000 t / 10000^(i / half), against numpy."""
+  from md4.networks import transformer, unet
+
+  assert unet.timestep_embedding is transformer.timestep_embedding
+  t = np.array([0.0, 0.013, 0.5, 1.0], np.float32)
+  half = SMALL["base_channels"] // 2
+  args = 1000.0 * t[:, None].astype(np.float64) * 10000.0 ** (-np.arange(half) / half)
+  expected = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+  got = np.asarray(transformer.timestep_embedding(jnp.asarray(t), SMALL["base_channels"]))
+  np.testing.assert_allclose(got, expected, atol=2e-4)

@@ -14,8 +14,8 @@ data_config fields:
     mnist5k / fashion_mnist: the directory written by `python -m md4.data.prepare mnist5k|
     fashion_mnist --out data` (default data/mnist5k, data/fashion_mnist). cifar10: the
     `cifar-10-python.tar.gz` archive or the extracted `cifar-10-batches-py/` directory.
-  binarize: threshold at 128 to {0, 1} (max_count 1); default True for mnist and mnist5k.
-  flip: random horizontal flips for training; default True for cifar10, else False.
+  binarize: threshold at 128 to {0, 1} (max_count 1); unset or None: True for mnist and mnist5k.
+  flip: random horizontal flips for training; unset or None: True for cifar10, else False.
   read_threads (default 2), prefetch (default 8): grain read options for training.
 
 Held-out data: the official test split (MNIST, Fashion-MNIST, CIFAR-10); for mnist5k, the 5,000
@@ -191,6 +191,11 @@ def _flip(example: dict, rng: np.random.Generator) -> dict:
   return {"images": images[:, ::-1] if rng.random() < 0.5 else images}
 
 
+def _default(value: bool | None, default: bool) -> bool:
+  """A data option's value; unset (None) is the dataset's default."""
+  return default if value is None else value
+
+
 def create_image_datasets(data_config, *, batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1,
                           eval_batch_size: int | None = None) -> ImageDatasets:
@@ -203,15 +208,11 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
     process_index, process_count: this host's place among the data-loading processes.
     eval_batch_size: global held-out batch size (default batch_size); the ragged tail is dropped.
   """
-  eval_batch_size = eval_batch_size or batch_size
-  for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-    if size <= 0 or size % process_count:
-      raise ValueError(f"{name} {size} is not a positive multiple of process_count {process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  eval_batch_size = pipeline.check_batches(batch_size, eval_batch_size, process_index,
+                                           process_count)
   dataset = data_config.get("dataset")
   train_images, eval_images = load_images(data_config)
-  binarize = data_config.get("binarize", dataset in ("mnist", "mnist5k"))
+  binarize = _default(data_config.get("binarize"), dataset in ("mnist", "mnist5k"))
   if binarize:
     train_images, eval_images = ((x >= 128).astype(np.uint8) for x in (train_images, eval_images))
   max_count = 1 if binarize else 255
@@ -219,7 +220,7 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
 
   train = (grain.MapDataset.source(train_images).map(as_example)
            .shuffle(seed=seed % 2**32).repeat())
-  if data_config.get("flip", dataset == "cifar10"):
+  if _default(data_config.get("flip"), dataset == "cifar10"):
     train = train.random_map(_flip, seed=(seed + 1) % 2**32)
   train = pipeline.process_batches(train, batch_size, process_index, process_count)
   options = pipeline.read_options(data_config)

@@ -14,7 +14,7 @@ data_config fields:
   path: text8 file/zip; text file, directory or glob; OWT shard directory; tfds data_dir
   eval_split: text8 held-out split, "valid" (default) or "test"
   holdout_fraction: text_files, the LAST fraction of the corpus is held out (default 0.1)
-  tfds_name, tfds_split (default "train"), tfds_eval_split (default "validation"), text_key
+  tfds_name, tfds_train_split (default "train"), tfds_eval_split (default "validation"), text_key
   read_threads (default 2), prefetch (default 8): grain read options for training
 """
 
@@ -123,7 +123,7 @@ def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
   if not name:
     raise ValueError("data.tfds_name must be set for dataset 'tfds'")
   splits = []
-  for split in (cfg.get("tfds_split", "train"), cfg.get("tfds_eval_split", "validation")):
+  for split in (cfg.get("tfds_train_split", "train"), cfg.get("tfds_eval_split", "validation")):
     source = tfds.data_source(name, split=split, data_dir=path)
     texts = [r[key].decode("utf-8") if isinstance(r[key], bytes) else str(r[key]) for r in source]
     splits.append(" ".join(corpora.clean_text8(t) for t in texts) if alphabet else texts)
@@ -186,6 +186,19 @@ def process_batches(ds: grain.MapDataset, batch_size: int, process_index: int,
           .slice(slice(process_index, None, process_count)))
 
 
+def check_batches(batch_size: int, eval_batch_size: int | None, process_index: int,
+                  process_count: int) -> int:
+  """The global held-out batch size (default batch_size), after checking that both global
+  batches split evenly over the processes and that process_index is one of them."""
+  eval_batch_size = eval_batch_size or batch_size
+  for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+    if size <= 0 or size % process_count:
+      raise ValueError(f"{name} {size} is not a positive multiple of process_count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  return eval_batch_size
+
+
 def read_options(data_config) -> grain.ReadOptions:
   """Reader threads and prefetch depth for the training iterator (data_config overrides)."""
   return grain.ReadOptions(num_threads=data_config.get("read_threads", 2),
@@ -211,12 +224,7 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
   dataset = data_config.get("dataset")
   if dataset not in KNOWN_DATASETS:
     raise ValueError(f"Unknown dataset {dataset!r}; known: {list(KNOWN_DATASETS)}")
-  eval_batch_size = eval_batch_size or batch_size
-  for name, size in (("training.batch_size", batch_size), ("eval.batch_size", eval_batch_size)):
-    if size <= 0 or size % process_count:
-      raise ValueError(f"{name} {size} is not a positive multiple of process_count {process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  eval_batch_size = check_batches(batch_size, eval_batch_size, process_index, process_count)
   tok_name = data_config.get("tokenizer", "char")
   if tok_name not in tokenizers.TOKENIZERS:
     raise ValueError(f"Unknown tokenizer {tok_name!r}; known: {sorted(tokenizers.TOKENIZERS)}")

@@ -45,10 +45,10 @@ def gpt2_nll(path: str, tokenizer: Any, batch_size: int = 8) -> Callable:
   """
   model, params = gpt2.load_gpt2(path)
   encoder = GPT2Tokenizer()
-  window = model.config.n_positions - 1
+  window = model.hparams.n_positions - 1
   nats = jax.jit(lambda p, tokens, weights: gpt2.token_nats(model, p, tokens, weights))
   logging.info("reference model for generative perplexity: GPT-2 %s (%d layers, width %d)",
-               path, model.config.n_layer, model.config.n_embd)
+               path, model.hparams.n_layer, model.hparams.n_embd)
 
   def nll_fn(samples: np.ndarray) -> np.ndarray:
     samples = np.asarray(samples)

@@ -9,7 +9,7 @@ Same protocol as the text methods (md4/methods/__init__.py), on image batches in
 Config fields read here:
   image_shape: (H, W, C), must match the data pipeline's `image_shape`.
   unet: base_channels, channel_mults, num_res_blocks, attn_resolutions, num_heads, dropout,
-    dtype ("float32" | "bfloat16"), embed_dim (MD4Pixels).
+    dtype ("float32" | "bfloat16"), embed_dim (tokens input: MD4Pixels).
   blackout: num_steps, t_end, max_count (must match the data's max_count), weighting, sampler.
   MD4Pixels: diffusion.schedule, diffusion.num_steps; sampling.num_steps, top_p, temperature, grid.
 """
@@ -39,7 +39,7 @@ def build_unet(config: ml_collections.ConfigDict, **kw) -> UNet:
   return UNet(image_channels=config.image_shape[2], base_channels=u.base_channels,
               channel_mults=tuple(u.channel_mults), num_res_blocks=u.num_res_blocks,
               attn_resolutions=tuple(u.attn_resolutions), num_heads=u.num_heads,
-              dropout=u.dropout, dtype=DTYPES[u.dtype], **kw)
+              dropout=u.dropout, dtype=DTYPES[u.dtype], embed_dim=u.embed_dim, **kw)
 
 
 @dataclasses.dataclass
@@ -110,8 +110,7 @@ class MD4Pixels:
     if self.vocab_size != PIXEL_VALUES:
       raise ValueError(f"MD4Pixels models 8-bit pixels (256 values), got vocab {self.vocab_size}")
     self.model = build_unet(self.config, input_kind="tokens", output_kind="logits",
-                            num_embeddings=PIXEL_VALUES + 1, num_classes=PIXEL_VALUES,
-                            embed_dim=self.config.unet.get("embed_dim", 32))
+                            num_embeddings=PIXEL_VALUES + 1, num_classes=PIXEL_VALUES)
     self.schedule = get_schedule(self.config.diffusion.schedule)
     self.seq_len = math.prod(self.config.image_shape)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.cross_entropy import log_prob
 from md4.diffusion.schedules import Schedule, get_schedule
 from md4.networks import DTYPES, apply_fn, partitioning
+from md4.networks.matmul import cpu_has_amx
 from md4.networks.transformer import Transformer
 
 Array = jnp.ndarray
@@ -33,16 +35,30 @@ def pad_multiple(config: ml_collections.ConfigDict, vocab_size: int) -> int:
   return max(multiple, 1)
 
 
+@functools.cache
+def resolve_matmul_dtype(matmul_dtype: str, dtype: str) -> str:
+  """model.matmul_dtype with "auto" resolved (logged once): bfloat16 on the CPU backend of a CPU
+  with AMX, where it makes the dense products ~3x faster (md4/networks/matmul.py), else ""
+  (operands in the model's dtype)."""
+  if matmul_dtype != "auto":
+    return matmul_dtype
+  amx = jax.default_backend() == "cpu" and cpu_has_amx()
+  logging.info("model.matmul_dtype=auto -> %s", "bfloat16 (AMX CPU)" if amx else
+               f"{dtype}, the model dtype ({jax.default_backend()} backend without AMX)")
+  return "bfloat16" if amx else ""
+
+
 def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
                       num_embeddings: int, causal: bool = False) -> Transformer:
   m = config.model
   multiple = pad_multiple(config, vocab_size)
   round_up = lambda n: multiple * math.ceil(n / multiple)
+  matmul_dtype = resolve_matmul_dtype(m.matmul_dtype, m.dtype)
   return Transformer(vocab_size=vocab_size, num_embeddings=round_up(num_embeddings),
                      padded_vocab=round_up(vocab_size), width=m.width,
                      depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                      dropout=m.dropout, dtype=DTYPES[m.dtype],
-                     matmul_dtype=DTYPES[m.matmul_dtype] if m.matmul_dtype else None,
+                     matmul_dtype=DTYPES[matmul_dtype] if matmul_dtype else None,
                      time_conditioning=m.time_conditioning, causal=causal, remat=m.remat,
                      mlp=m.mlp, norm=m.norm, attention=m.attention)
 

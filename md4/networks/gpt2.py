@@ -47,11 +47,11 @@ class GPT2Config:
 class Block(nn.Module):
   """ln_1 -> causal self-attention (attn) -> residual; ln_2 -> MLP (mlp) -> residual."""
 
-  config: GPT2Config
+  hparams: GPT2Config
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
+    c = self.hparams
     batch, length, width = x.shape
     heads = lambda t: t.reshape(batch, length, c.n_head, width // c.n_head)
     h = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="ln_1")(x)
@@ -66,11 +66,11 @@ class Block(nn.Module):
 class GPT2(nn.Module):
   """tokens int[B, L] (L <= n_positions) -> next-token logits float32[B, L, vocab_size]."""
 
-  config: GPT2Config
+  hparams: GPT2Config
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    c = self.config
+    c = self.hparams
     wte = nn.Embed(c.vocab_size, c.n_embd, name="wte")
     x = wte(tokens) + nn.Embed(c.n_positions, c.n_embd, name="wpe")(jnp.arange(tokens.shape[1]))
     for i in range(c.n_layer):
@@ -92,7 +92,7 @@ _TOP_NAMES = {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe", "embeddi
 _BUFFERS = ("attn.bias", "attn.masked_bias")  # a block's causal mask, not a parameter
 
 
-def params_from_hf(weights: dict[str, np.ndarray], config: GPT2Config) -> dict[str, Any]:
+def params_from_hf(weights: dict[str, np.ndarray], hparams: GPT2Config) -> dict[str, Any]:
   """Our params from Hugging Face's GPT-2 state dict (names with or without "transformer.";
   the output head "lm_head.weight", tied to wte, is not read)."""
   params: dict[str, Any] = {}
@@ -112,7 +112,7 @@ def params_from_hf(weights: dict[str, np.ndarray], config: GPT2Config) -> dict[s
     for key in path[:-1]:
       target = target.setdefault(key, {})
     target[path[-1]] = jnp.asarray(value, jnp.float32)
-  expected = jax.eval_shape(GPT2(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  expected = jax.eval_shape(GPT2(hparams).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   got = jax.tree.map(lambda x: x.shape, params)
   want = jax.tree.map(lambda x: x.shape, expected["params"])
   if got != want:
@@ -129,8 +129,8 @@ def load_gpt2(path: str) -> tuple[GPT2, dict[str, Any]]:
   if missing:
     raise FileNotFoundError(f"GPT-2 checkpoint {path}: {', '.join(missing)} not found (a Hugging "
                             "Face snapshot directory holds config.json and model.safetensors)")
-  config = GPT2Config.from_json(files[0])
-  return GPT2(config), params_from_hf(load_file(files[1]), config)
+  hparams = GPT2Config.from_json(files[0])
+  return GPT2(hparams), params_from_hf(load_file(files[1]), hparams)
 
 
 def token_nats(model: GPT2, params: Any, tokens: jax.Array, weights: jax.Array) -> jax.Array:

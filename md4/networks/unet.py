@@ -24,18 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4.networks.transformer import timestep_embedding
+
 Array = jax.Array
 
 INPUT_KINDS = ("counts", "tokens")
 OUTPUT_KINDS = ("rate", "logits")
-
-
-def sinusoidal_embedding(t: Array, dim: int, scale: float = 1000.0) -> Array:
-  """Sinusoidal features of t (float[B], about [0, 1]) scaled by `scale`: float32[B, dim]."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = scale * t.astype(jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 def _group_norm(channels: int, num_groups: int, dtype: Any, name: str | None = None):
@@ -122,7 +116,7 @@ class UNet(nn.Module):
     x = x.astype(self.dtype)
 
     temb_dim = 4 * self.base_channels
-    temb = sinusoidal_embedding(t, self.base_channels)
+    temb = timestep_embedding(t, self.base_channels)
     temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_in")(temb)
     temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_out")(nn.silu(temb))
 
