@@ -55,7 +55,7 @@ class Blackout:
   vocab_size: int  # unused beyond the registry's signature (N + 1)
   # The training loss is not a likelihood bound (unless weighting = "elbo", and then only up to a
   # constant), so nothing is reported as bits per token; evaluate() adds the full NELBO
-  # (blackout.nelbo) per image and its bits per dimension as plain metrics.
+  # (blackout.nelbo, nats per image) and it in bits per dimension as plain metrics (means).
   likelihood_metrics = ()
 
   def __post_init__(self):
@@ -94,7 +94,7 @@ class Blackout:
     dims = math.prod(images.shape[1:])
     nelbo = blackout.nelbo(self.rate_fn(params, net_rng, False), images, nelbo_rng, self.process)
     return {"loss": self._losses(params, images, loss_rng, train=False) / dims,
-            "nelbo": nelbo, "bits_per_dim": nelbo / (dims * math.log(2))}
+            "nelbo": nelbo, "nelbo_bits_per_dim": nelbo / (dims * math.log(2))}
 
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     if known_mask is not None:
