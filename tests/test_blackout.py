@@ -6,6 +6,7 @@ E[x - n_k | n_k = n], a table over (k, n).
 """
 
 import functools
+import itertools
 import math
 
 import jax
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from md4 import config_lib
 from md4.diffusion import blackout
+from md4.methods import image
 
 N = 5
 PI = np.array([0.3, 0.05, 0.1, 0.25, 0.05, 0.25])  # a lumpy count distribution on {0..N}
@@ -91,7 +94,8 @@ def test_thin_matches_binomial_and_the_death_process():
     assert z.max() < 4.5, (m, freq, cond)
 
 
-@pytest.mark.parametrize("weighting", ["instantaneous", "finite-time"])
+@pytest.mark.parametrize("weighting", ["instantaneous", "finite-time",
+                                       pytest.param("elbo", marks=pytest.mark.slow)])
 def test_loss_is_minimised_at_the_posterior_mean(weighting):
   T, pixels, batch, repeats = 20, 8, 4096, 32
   process = blackout.BlackoutProcess(T, 5.0, N)
@@ -160,3 +164,126 @@ def test_rounding_bridge_is_biased():
   tv_stochastic = total_variation(oracle_samples("bridge_stochastic"), PI)
   print(f"bridge: TV = {tv_round:.4f} (stochastic rounding {tv_stochastic:.4f})")
   assert tv_round > 0.03 and tv_round > 3 * tv_stochastic, (tv_round, tv_stochastic)
+
+
+# The ELBO of the tau-leaping chain, by enumerating every path of the death process of one
+# pixel channel (N = 2): shares no code with blackout.nelbo beyond the grid p_k.
+SMALL_N = 2
+SMALL_PI = np.array([0.5, 0.15, 0.35])
+
+
+def poisson_pmf(j: int, mean: float) -> float:
+  return math.exp(-mean) * mean ** j / math.factorial(j) if j >= 0 else 0.0
+
+
+def birth_probs(p: np.ndarray) -> np.ndarray:
+  """The model's per-step birth probability (p_{k-1} - p_k) / (1 - p_k), k = 1..T (entry 0: 0)."""
+  return np.concatenate([[0.0], (p[:-1] - p[1:]) / (1 - p[1:])])
+
+
+def enumerated_nelbo(p: np.ndarray, table: np.ndarray, x: int) -> float:
+  """E_q[log q(n_{1:T} | x) - log p(x, n_{1:T})] over every path x >= n_1 >= ... >= n_T >= 0,
+  q the death process (n_k | n_{k-1} ~ Binomial(n_{k-1}, p_k / p_{k-1})), p the chain
+  n_T ~ Binomial(N, p_T), n_{k-1} = n_k + Poisson(table[k, n_k] rho_k)."""
+  T, rho = len(p) - 1, birth_probs(p)
+  total = 0.0
+  for path in itertools.product(range(x + 1), repeat=T):
+    n = (x, *path)
+    if list(n) != sorted(n, reverse=True):
+      continue
+    log_q = sum(math.log(binom_pmf(n[k], n[k - 1], p[k] / p[k - 1])) for k in range(1, T + 1))
+    log_p = math.log(binom_pmf(n[T], SMALL_N, p[T])) + sum(
+        math.log(poisson_pmf(n[k - 1] - n[k], table[k, n[k]] * rho[k])) for k in range(1, T + 1))
+    total += math.exp(log_q) * (log_q - log_p)
+  return total
+
+
+def model_law(p: np.ndarray, table: np.ndarray, clip: bool) -> np.ndarray:
+  """The chain's law of n_0 on {0..N}: births past N are dropped, or kept at N when `clip` (the
+  sampler's chain)."""
+  T, rho = len(p) - 1, birth_probs(p)
+  law = np.array([binom_pmf(n, SMALL_N, p[T]) for n in range(SMALL_N + 1)], np.float64)
+  for k in range(T, 0, -1):
+    new = np.zeros_like(law)
+    for n in range(SMALL_N + 1):
+      births = [poisson_pmf(j - n, table[k, n] * rho[k]) for j in range(SMALL_N + 1)]
+      new += law[n] * np.array(births)
+      if clip:
+        new[SMALL_N] += law[n] * (1 - sum(births))
+    law = new
+  return law
+
+
+def small_process(T: int = 4) -> blackout.BlackoutProcess:
+  return blackout.BlackoutProcess(T, 3.0, SMALL_N)  # p_T = 0.05: the prior term is not negligible
+
+
+def test_nelbo_equals_the_enumerated_elbo_and_bounds_the_likelihood():
+  process = small_process()
+  p = np.asarray(process.p, np.float64)
+  table = posterior_mean_table(process, SMALL_PI)
+  exact = np.array([enumerated_nelbo(p, table, x) for x in range(SMALL_N + 1)])
+  # A bound on the chain's likelihood, and on the sampler's clipped chain (which is at least as
+  # likely), hence on the data entropy in the mean.
+  nll = -np.log(model_law(p, table, clip=False))
+  nll_clipped = -np.log(model_law(p, table, clip=True))
+  entropy = -(SMALL_PI * np.log(SMALL_PI)).sum()
+  print(f"NELBO {exact}, -log p {nll}, clipped {nll_clipped}; E_pi: NELBO "
+        f"{SMALL_PI @ exact:.6f} >= -log p {SMALL_PI @ nll:.6f} >= H {entropy:.6f}")
+  assert np.all(exact >= nll - 1e-12) and np.all(nll >= nll_clipped - 1e-12)
+  assert np.all(exact[1:] > nll[1:] + 0.02)  # x = 0 has one path: the bound is tight there
+  assert SMALL_PI @ exact > SMALL_PI @ nll_clipped > entropy
+
+  # Monte Carlo through the image method's held-out metrics: 1 x 2 images over every pair of
+  # values, many draws each; nats per image and bits per dimension.
+  config = config_lib.base()
+  config.model_type, config.image_shape = "blackout", (1, 2, 1)
+  config.blackout.update(num_steps=process.num_steps, t_end=process.t_end, max_count=SMALL_N)
+  method = image.Blackout(config, SMALL_N + 1)
+  method.rate_fn = lambda params, rng, train: table_rate_fn(table)
+  pairs = np.array(list(itertools.product(range(SMALL_N + 1), repeat=2)))
+  reps = 4000
+  x = jnp.asarray(np.tile(pairs, (reps, 1)).reshape(-1, *config.image_shape))
+  metrics = jax.jit(lambda key: method.evaluate(None, x, key))(jax.random.key(0))
+  values = np.asarray(metrics["nelbo"], np.float64).reshape(reps, len(pairs))
+  np.testing.assert_allclose(metrics["nelbo_bits_per_dim"],
+                             metrics["nelbo"] / (2 * math.log(2)), rtol=1e-6)
+  mean, se = values.mean(0), values.std(0, ddof=1) / math.sqrt(reps)
+  target = exact[pairs].sum(1)
+  print("pairs", pairs.tolist(), "Monte Carlo", mean, "+-", se, "enumerated", target)
+  assert np.all(np.abs(mean - target) < 4 * se), (mean, se, target)
+
+
+def expected_loss(process, table, weights, x: int) -> float:
+  """E_k E_{n ~ Binomial(x, p_k)} w_k (lam - m log lam), k ~ U{1..T}, by enumeration."""
+  T, p = process.num_steps, np.asarray(process.p, np.float64)
+  return sum(binom_pmf(n, x, p[k]) * weights[k] * (table[k, n] - (x - n) * math.log(table[k, n]))
+             for k in range(1, T + 1) for n in range(x + 1)) / T
+
+
+def test_elbo_weighting_is_the_nelbo_up_to_a_rate_free_constant(T=4):
+  process = small_process(T)
+  p = np.asarray(process.p, np.float64)
+  rng = np.random.default_rng(T)
+  tables = [np.exp(rng.normal(0.0, 1.0, (T + 1, SMALL_N + 1))) for _ in range(3)]
+  exact = np.array([[enumerated_nelbo(p, tab, x) for x in range(SMALL_N + 1)] for tab in tables])
+  gaps = {w: exact - np.array([[
+      expected_loss(process, tab, np.asarray(process.weights[w], np.float64), x)
+      for x in range(SMALL_N + 1)] for tab in tables]) for w in blackout.WEIGHTINGS}
+  print({w: g.round(6).tolist() for w, g in gaps.items()})
+  np.testing.assert_allclose(gaps["elbo"], gaps["elbo"][:1].repeat(3, 0), atol=1e-5)
+  for w in ("instantaneous", "finite-time"):  # a reweighted ELBO, not a bound
+    assert np.ptp(gaps[w], axis=0).max() > 0.1, (w, gaps[w])
+
+  # The same draw: nelbo - loss("elbo") does not depend on the rate, example by example.
+  x = jnp.asarray(rng.integers(0, SMALL_N + 1, (512, 2)))
+
+  @jax.jit
+  def difference(table):
+    rate_fn, key = table_rate_fn(table), jax.random.key(1)
+    return (blackout.nelbo(rate_fn, x, key, process)
+            - blackout.loss(rate_fn, x, key, process, weighting="elbo"))
+
+  diffs = [np.asarray(difference(tab)) for tab in tables]
+  np.testing.assert_allclose(diffs[1], diffs[0], atol=2e-4)
+  np.testing.assert_allclose(diffs[2], diffs[0], atol=2e-4)

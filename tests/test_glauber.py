@@ -303,3 +303,23 @@ def test_noise_prob_is_accurate_when_visits_keep_almost_everything(name, sweeps)
   assert expected.min() > 2 * (1 - glauber.PI_MAX)  # not clipped
   t = jnp.asarray((m - 1) * seq_len, jnp.int32)  # the first step of visit m
   np.testing.assert_allclose(process.noise_prob(t) * vocab_size, expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name, sweeps", [("linear", 4096), ("geometric", 256)])
+def test_survival_complement_is_accurate_when_kappa_is_close_to_one(name, sweeps):
+  # 1 - kappa_c after the first few of many visits (~2e-4 c and ~5e-6 c here): float32
+  # 1 - kappa keeps only a few digits; the closed-form 1 - alpha keeps them.
+  process = glauber.GlauberProcess(2, 3, sweeps, get_schedule(name))
+  c = np.arange(0, 9, dtype=np.float64)
+  if name == "linear":
+    alpha = lambda t: 1e-4 + (1 - 2e-4) * (1 - t)
+  else:
+    alpha = lambda t: np.exp(-1e-4 * (20 / 1e-4) ** t)
+  expected = (alpha(0.0) - alpha(c / sweeps)) / alpha(0.0)
+  complement = np.asarray(process.survival_complement(jnp.asarray(c, jnp.int32)), np.float64)
+  assert complement[0] == 0
+  np.testing.assert_allclose(complement[1:], expected[1:], rtol=2e-5)
+  subtracted = 1 - np.asarray(process.survival(jnp.asarray(c, jnp.int32)), np.float64)
+  print(f"{name}: max relative error, closed form "
+        f"{np.max(np.abs(complement[1:] / expected[1:] - 1)):.2e}, "
+        f"1 - kappa {np.max(np.abs(subtracted[1:] / expected[1:] - 1)):.2e}")

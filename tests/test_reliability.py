@@ -131,6 +131,9 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(workdir, corpus):
   assert last, line
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   assert last[2] == os.path.join(workdir, "checkpoints", last[1]) and int(last[1]) == steps[-1]
+  streak, up_to = (int(s) for s in re.search(r"(\d+) non-finite updates in a row up to step (\d+)",
+                                              line).groups())
+  assert steps[-1] < up_to - streak + 1, (steps, line)  # nothing saved from the streak on
   assert os.path.exists(os.path.join(last[2], "state", "commit_success.txt"))  # finished, no tmp
   after = snapshot(workdir)  # checkpoints kept as they were (older ones rotate out)
   assert all(after[k] == v for k, v in before.items()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -232,11 +233,22 @@ def test_bad_flags_are_one_clear_line(tmp_path, args, message):
 
 def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
   workdir = str(tmp_path / "run")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert not os.path.exists(checkpoints)  # before: nothing
   result = main_py(workdir, f"--config.data.path={corpus}", *TINY, "--config.optimizer.lr=1e30",
                    "--config.optimizer.grad_clip=0", "--config.training.num_steps=30",
                    "--config.training.log_every=5", "--config.training.checkpoint_every=5")
   assert result.returncode == 2
-  assert "non-finite" in result.stderr.strip().splitlines()[-1]
+  line = result.stderr.strip().splitlines()[-1]
+  match = re.search(r"(\d+) non-finite updates in a row up to step (\d+)", line)
+  assert match, line
+  first_bad = int(match[2]) - int(match[1]) + 1
+  # After: no checkpoint (nor a partial one) from the first update of the streak on.
+  saved = sorted(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []
+  assert all(name.isdigit() and int(name) < first_bad for name in saved), (saved, line)
+  steps = sorted(int(name) for name in saved)
+  assert (f"Last checkpoint: step {steps[-1]} " in line if steps
+          else "No checkpoint was saved" in line), (steps, line)
 
 
 @pytest.mark.parametrize("config, expected", [

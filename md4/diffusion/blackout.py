@@ -21,11 +21,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import gammaln, xlogy
 
 Array = jnp.ndarray
 RateFn = Callable[[Array, Array], Array]
 
-WEIGHTINGS = ("instantaneous", "finite-time")
+WEIGHTINGS = ("instantaneous", "finite-time", "elbo")
 SAMPLERS = ("tau_leaping", "bridge", "bridge_stochastic")
 LOG_FLOOR = 1e-8  # lam is floored here inside the log, so that lam = 0 costs a finite amount
 
@@ -40,7 +41,10 @@ class BlackoutProcess:
     p: survival probabilities, p[0] = 1 > p[1] > ... > p[T] = e^{-t_end}.
     t: times -log p, t[0] = 0.
     rho: reverse birth probabilities (p[k-1] - p[k]) / (1 - p[k]); rho[1] = 1, rho[0] unused (0).
-    weights: {"instantaneous": T p_k (t_k - t_{k-1}), "finite-time": p_{k-1} - p_k}; entry 0 is 0.
+    stay: 1 - rho = (1 - p[k-1]) / (1 - p[k]) (from float64, no cancellation); stay[1] = 0.
+    weights: {"instantaneous": T p_k (t_k - t_{k-1}), "finite-time": p_{k-1} - p_k,
+      "elbo": T rho_k}; entry 0 is 0. Only "elbo" makes the loss the NELBO up to a constant
+      (docs/bounds.md); the other two are it times (1 - p_k): same minimiser, not a bound.
   """
 
   def __init__(self, num_steps: int, t_end: float, max_count: int):
@@ -61,11 +65,15 @@ class BlackoutProcess:
     inst[1:] = num_steps * p[1:] * np.diff(t)
     finite = np.zeros(num_steps + 1)
     finite[1:] = p[:-1] - p[1:]
+    stay = np.zeros(num_steps + 1)
+    stay[2:] = one_minus_p[1:-1] / one_minus_p[2:]
     self.p = jnp.asarray(p, jnp.float32)
     self.t = jnp.asarray(t, jnp.float32)
     self.rho = jnp.asarray(rho, jnp.float32)
+    self.stay = jnp.asarray(stay, jnp.float32)
     self.weights = {"instantaneous": jnp.asarray(inst, jnp.float32),
-                    "finite-time": jnp.asarray(finite, jnp.float32)}
+                    "finite-time": jnp.asarray(finite, jnp.float32),
+                    "elbo": jnp.asarray(num_steps * rho, jnp.float32)}
 
 
 def thin(rng: Array, n: Array, keep_prob: Array) -> Array:
@@ -86,6 +94,18 @@ def poisson_loss(lam: Array, m: Array) -> Array:
   return lam - jnp.where(m > 0, m * log_lam, 0.0)
 
 
+def _draw(rng: Array, x: Array, process: BlackoutProcess) -> tuple[Array, Array]:
+  """k ~ U{1..T} per example and n ~ Binomial(x, p_k) exactly: (int[B], int32 of x's shape)."""
+  k_rng, n_rng = jax.random.split(rng)
+  k = jax.random.randint(k_rng, (x.shape[0],), 1, process.num_steps + 1)
+  return k, thin(n_rng, x, _per_example(process.p, k, x.ndim))
+
+
+def _per_image(values: Array) -> Array:
+  """Sum over every axis but the first: float[B]."""
+  return values.reshape(values.shape[0], -1).sum(axis=-1)
+
+
 def loss(rate_fn: RateFn, x: Array, rng: Array, process: BlackoutProcess, *,
          weighting: str = "instantaneous") -> Array:
   """Weighted Poisson loss per example: float[B].
@@ -98,17 +118,68 @@ def loss(rate_fn: RateFn, x: Array, rng: Array, process: BlackoutProcess, *,
     x: clean counts int[B, ...] in 0..N.
     rng: PRNG key.
     process: the time grid.
-    weighting: "instantaneous" or "finite-time".
+    weighting: "instantaneous", "finite-time" or "elbo" (= nelbo minus a rate-free constant).
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
-  k_rng, n_rng = jax.random.split(rng)
   x = x.astype(jnp.int32)
-  k = jax.random.randint(k_rng, (x.shape[0],), 1, process.num_steps + 1)
-  n = thin(n_rng, x, _per_example(process.p, k, x.ndim))
+  k, n = _draw(rng, x, process)
   lam = rate_fn(n, k).astype(jnp.float32)
-  per_pixel = poisson_loss(lam, (x - n).astype(jnp.float32))
-  return process.weights[weighting][k] * per_pixel.reshape(x.shape[0], -1).sum(axis=-1)
+  return process.weights[weighting][k] * _per_image(poisson_loss(lam, (x - n).astype(jnp.float32)))
+
+
+def _binomial_mean(fn: Callable[[Array], Array], total: Array, prob: Array,
+                   max_count: int) -> Array:
+  """E[fn(u)] for u ~ Binomial(total, prob) elementwise, by exact summation over u = 0..N.
+
+  `total` is int in 0..max_count; `prob` in [0, 1] broadcasts against it; one lax.fori_loop.
+  """
+  total = total.astype(jnp.float32)
+  prob = jnp.broadcast_to(prob, total.shape)
+  log_norm = gammaln(total + 1.0)
+
+  def add(u, acc):
+    u = jnp.asarray(u, jnp.float32)
+    rest = jnp.maximum(total - u, 0.0)
+    log_pmf = (log_norm - gammaln(u + 1.0) - gammaln(rest + 1.0)
+               + xlogy(u, prob) + xlogy(rest, 1.0 - prob))
+    return acc + jnp.where(u <= total, jnp.exp(log_pmf) * fn(u), 0.0)
+
+  return jax.lax.fori_loop(0, max_count + 1, add, jnp.zeros(total.shape, jnp.float32))
+
+
+def nelbo(rate_fn: RateFn, x: Array, rng: Array, process: BlackoutProcess) -> Array:
+  """Negative ELBO of the tau-leaping chain in nats per example: float[B] (docs/bounds.md).
+
+  The model: n_T ~ Binomial(N, p_T) per pixel channel (the law of a white pixel at t_end; the
+  sampler starts from its mode, the black image), then n_{k-1} = n_k + Poisson(lam rho_k) with
+  lam = max(rate_fn(n_k, k), LOG_FLOOR). Its NELBO under the forward process is
+
+      KL(Binomial(x, p_T) || Binomial(N, p_T)) + sum_k E_{n_k ~ Binomial(x, p_k)} KL_k,
+      KL_k = KL(Binomial(m, rho_k) || Poisson(lam rho_k))                      (m = x - n_k)
+           = rho_k (lam - m log lam) + log m! + m s log s - E_{u ~ Binomial(m, s)} log u!,
+
+  with s = 1 - rho_k. Estimated as T KL_k + the prior KL with k and n drawn like `loss` (same
+  rng, same draw: nelbo - loss(weighting="elbo") does not depend on the rate), the rate-free
+  parts summed exactly over u. It also bounds the sampler's clipped chain (clipping only adds
+  mass at N).
+  """
+  x = x.astype(jnp.int32)
+  k, n = _draw(rng, x, process)
+  lam = jnp.maximum(rate_fn(n, k).astype(jnp.float32), LOG_FLOOR)
+  m = (x - n).astype(jnp.float32)
+  stay = _per_example(process.stay, k, x.ndim)
+  log_fact = lambda u: gammaln(u + 1.0)
+  births = (_per_example(process.rho, k, x.ndim) * poisson_loss(lam, m) + log_fact(m)
+            + xlogy(m * stay, stay) - _binomial_mean(log_fact, m, stay, process.max_count))
+  big_n, p_end = process.max_count, process.p[-1]
+  xf = x.astype(jnp.float32)
+  # log Binomial(u; x, p_T) / Binomial(u; N, p_T) = log C(x, u) / C(N, u) + (x - N) log(1 - p_T)
+  log_choose_ratio = lambda u: (gammaln(xf + 1.0) - gammaln(jnp.maximum(xf - u, 0.0) + 1.0)
+                                - gammaln(big_n + 1.0) + gammaln(big_n - u + 1.0))
+  prior = (_binomial_mean(log_choose_ratio, x, p_end, big_n)
+           + (xf - big_n) * jnp.log1p(-p_end))
+  return process.num_steps * _per_image(births) + _per_image(prior)
 
 
 def _round(rng: Array, lam: Array, stochastic: bool) -> Array:

@@ -96,6 +96,17 @@ class GlauberProcess:
     kappa = jnp.concatenate([jnp.ones((1,)), jnp.cumprod(self._visit_keep_probs())])
     return kappa[jnp.asarray(c)]
 
+  def survival_complement(self, c: Array) -> Array:
+    """1 - kappa_c = (alpha(0) - alpha(c / K)) / alpha(0), with alpha(0) - alpha(c / K) taken as
+    (1 - alpha(c / K)) - (1 - alpha(0)) from the closed-form 1 - alpha: float in [0, 1], accurate
+    where kappa is close to 1 (it is the schedule's value: visit clipping at PI_MAX, active only
+    where 1 - pi < 1e-6, is not reflected)."""
+    one_minus_alpha = self.schedule.one_minus_alpha
+    start = jnp.zeros(())
+    c = jnp.asarray(c)
+    lost = one_minus_alpha(c.astype(jnp.float32) / self.sweeps) - one_minus_alpha(start)
+    return jnp.clip(lost / self.schedule.alpha(start), 0.0, 1.0)
+
   def completed_visits(self, t: Array) -> Array:
     """c_j(t): number of visits of position j among steps 0..t-1: int[..., L] for t: int[...]."""
     j = jnp.arange(self.seq_len)
@@ -169,8 +180,10 @@ def loss(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess, *,
     l_b = jnp.take_along_axis(logits, observed, axis=1)[:, 0]
     return -jnp.where(signal[:, 0], jax.nn.log_sigmoid(l_b), jax.nn.log_sigmoid(-l_b))
 
-  kappa = process.survival(t // seq_len)[:, None]  # completed visits of i before step t
-  r = kappa * jax.nn.one_hot(clean_i[:, 0], vocab_size) + (1.0 - kappa) / vocab_size  # [B, V]
+  visits = t // seq_len  # completed visits of i before step t
+  kappa = process.survival(visits)[:, None]
+  r = (kappa * jax.nn.one_hot(clean_i[:, 0], vocab_size)
+       + process.survival_complement(visits)[:, None] / vocab_size)  # [B, V]
   if kind == "ce":
     return -jnp.sum(r * jax.nn.log_softmax(logits, axis=-1), axis=-1)
   noise_weight = process.noise_prob(t)[:, None]

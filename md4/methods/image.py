@@ -53,7 +53,10 @@ class Blackout:
 
   config: ml_collections.ConfigDict
   vocab_size: int  # unused beyond the registry's signature (N + 1)
-  likelihood_metrics = ()  # the Poisson loss is not a likelihood bound
+  # The training loss is not a likelihood bound (unless weighting = "elbo", and then only up to a
+  # constant), so nothing is reported as bits per token; evaluate() adds the full NELBO
+  # (blackout.nelbo, nats per image) and it in bits per dimension as plain metrics (means).
+  likelihood_metrics = ()
 
   def __post_init__(self):
     b = self.config.blackout
@@ -87,7 +90,11 @@ class Blackout:
     return loss, {"loss": loss}  # per pixel channel
 
   def evaluate(self, params, images, rng):
-    return {"loss": self._losses(params, images, rng, train=False) / math.prod(images.shape[1:])}
+    loss_rng, nelbo_rng, net_rng = jax.random.split(rng, 3)
+    dims = math.prod(images.shape[1:])
+    nelbo = blackout.nelbo(self.rate_fn(params, net_rng, False), images, nelbo_rng, self.process)
+    return {"loss": self._losses(params, images, loss_rng, train=False) / dims,
+            "nelbo": nelbo, "nelbo_bits_per_dim": nelbo / (dims * math.log(2))}
 
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
     if known_mask is not None:
