@@ -35,6 +35,8 @@ LogitsFn = Callable[[Array, Array], Array]
 # Keep probabilities are clipped to this range so that both outcomes of a visit are possible.
 PI_MIN, PI_MAX = 1e-12, 1.0 - 1e-6
 LOSS_KINDS = ("soft", "hard", "ce")
+# Noise laws u of the configs: uniform, or the training split's token frequencies (given as u).
+NOISE_LAWS = ("uniform", "unigram")
 
 
 @dataclasses.dataclass(frozen=True)
