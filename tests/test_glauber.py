@@ -441,3 +441,21 @@ def test_nelbo_shapes_full_rows_and_stratification():
   glauber.nelbo(recording_fn, x, jax.random.key(13), process)
   assert len(seen) == 1
   np.testing.assert_array_equal(np.bincount(np.asarray(seen[0]), minlength=12), np.full(12, 4))
+
+
+@pytest.mark.parametrize("noise", ["uniform", "unigram"])
+def test_nelbo_of_zero_logits_at_demo_size_is_minus_log_u(noise):
+  """Zero logits make q_t = u: R_t is then the exact reversal of the stationary chain started at
+  u^L, so the NELBO's mean is exactly -sum_j log u(x_j), here at V = 512, L = 48, K = 2."""
+  vocab_size, seq_len = 512, 48
+  u = None if noise == "uniform" else np.random.default_rng(6).dirichlet(np.ones(vocab_size))
+  process = glauber.GlauberProcess(seq_len, vocab_size, 2, "linear", u)
+  n = 4096
+  x = jax.random.randint(jax.random.key(14), (n, seq_len), 0, vocab_size)
+  zero = lambda x_in, t: jnp.zeros((x_in.shape[0], vocab_size))
+  values = np.asarray(jax.jit(functools.partial(glauber.nelbo, zero, process=process))(
+      x, jax.random.key(15)), np.float64)
+  target = -np.asarray(process.log_noise_dist(), np.float64)[np.asarray(x)].sum(1)
+  diff_mean, diff_se = mean_se(values - target)
+  assert abs(diff_mean) < 4 * diff_se, (diff_mean, diff_se)
+  assert diff_se < 0.03 * target.mean()  # the test has power: within 3% of the true value
