@@ -68,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
       sweeps=2,              # K: visits of every position; T = K * seq_len steps
       loss="soft",           # soft | hard | ce
       renoise_known=False,   # infilling variant: re-noise known tokens at each step
+      noise="uniform",       # noise law u: uniform | unigram (training split's token frequencies)
   ))
   c.image_shape = (28, 28, 1)  # image datasets only
   c.unet = ml_collections.ConfigDict(dict(
@@ -194,6 +195,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of("blackout.sampler", config.blackout.sampler, blackout.SAMPLERS)
   _require(config.ggm.sweeps >= 1, "ggm.sweeps must be at least 1")
   _one_of("ggm.loss", config.ggm.loss, glauber.LOSS_KINDS)
+  _one_of("ggm.noise", config.ggm.noise, glauber.NOISE_LAWS)
 
 
 SAMPLING_METHODS = {"md4": ("ancestral", "remdm", "confidence"),

@@ -1,8 +1,9 @@
 """Exact enumeration of the GGM process on tiny V, L: marginals, classifiers, oracle networks.
 
 Laws are float64 numpy arrays of shape [V] * L (axis j = token at position j); `p` is the data
-distribution in the same layout (see tests/oracle.py). Process constants (pi_t, kappa_c) are read
-from the library's GlauberProcess, so these checks test the construction, not the constants.
+distribution in the same layout (see tests/oracle.py). Process constants (pi_t, kappa_c and the
+noise law u) are read from the library's GlauberProcess, so these checks test the construction,
+not the constants.
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ def survival(process: GlauberProcess, c: int) -> float:
   return float(process.survival(c))
 
 
-def kernel(keep: float, vocab_size: int) -> np.ndarray:
-  """[V, V] matrix: keep the token w.p. keep, else a uniform token."""
-  return keep * np.eye(vocab_size) + (1.0 - keep) / vocab_size
+def noise_law(process: GlauberProcess) -> np.ndarray:
+  """u: float64[V], the law of a noise token (the process's, renormalised in float64)."""
+  u = np.asarray(process.noise_dist(), np.float64)
+  return u / u.sum()
+
+
+def kernel(keep: float, u: np.ndarray) -> np.ndarray:
+  """[V, V] matrix: keep the token w.p. keep, else a noise token ~ u."""
+  return keep * np.eye(len(u)) + (1.0 - keep) * u[None, :]
 
 
 def apply_on_axis(law: np.ndarray, matrix: np.ndarray, axis: int) -> np.ndarray:
@@ -39,7 +46,7 @@ def closed_form_marginal(p: np.ndarray, process: GlauberProcess, t: int) -> np.n
   law = p.astype(np.float64)
   visits = np.asarray(process.completed_visits(jnp.asarray(t)))
   for j, c in enumerate(visits):
-    law = apply_on_axis(law, kernel(survival(process, int(c)), process.vocab_size), j)
+    law = apply_on_axis(law, kernel(survival(process, int(c)), noise_law(process)), j)
   return law
 
 
@@ -47,7 +54,7 @@ def chain_marginal(p: np.ndarray, process: GlauberProcess, t: int) -> np.ndarray
   """Law of X_t by running the chain's one-step kernels for steps 0..t-1."""
   law = p.astype(np.float64)
   for s in range(t):
-    law = apply_on_axis(law, kernel(keep_prob(process, s), process.vocab_size),
+    law = apply_on_axis(law, kernel(keep_prob(process, s), noise_law(process)),
                         s % process.seq_len)
   return law
 
@@ -65,7 +72,7 @@ def step_joint(p: np.ndarray, process: GlauberProcess, t: int) -> tuple[np.ndarr
   others = np.delete(np.arange(seq_len), i)
   same_context = np.all(states[:, None, others] == states[None, :, others], axis=-1)
   signal = marginal[:, None] * pi * same
-  noise = marginal[:, None] * (1.0 - pi) / vocab_size * same_context
+  noise = marginal[:, None] * (1.0 - pi) * noise_law(process)[states[None, :, i]] * same_context
   return signal + noise, signal
 
 
@@ -142,8 +149,12 @@ def sampler_law(table: np.ndarray, process: GlauberProcess, known: dict[int, int
       law = apply_on_axis(law, np.outer(np.ones(vocab_size), np.eye(vocab_size)[v]), j)
     return law
 
-  law = clamp(np.full((vocab_size,) * seq_len, float(vocab_size) ** -seq_len))
-  logits = table.astype(np.float64)
+  u = noise_law(process)
+  law = u
+  for _ in range(seq_len - 1):
+    law = np.multiply.outer(law, u)
+  law = clamp(law)
+  logits = table.astype(np.float64) + np.log(u)  # the sampler draws from softmax(l + log u)
   probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
   probs /= probs.sum(axis=-1, keepdims=True)
   for t in reversed(range(process.num_steps)):
@@ -154,7 +165,7 @@ def sampler_law(table: np.ndarray, process: GlauberProcess, known: dict[int, int
     if renoise_known:  # the network sees each known token re-noised: X_t^j | x_j
       visits = np.asarray(process.completed_visits(jnp.asarray(t)))
       for j, v in known.items():
-        noised = kernel(survival(process, int(visits[j])), vocab_size)[v]
+        noised = kernel(survival(process, int(visits[j])), u)[v]
         context_law = apply_on_axis(context_law, np.outer(np.ones(vocab_size), noised), j)
     state_ids, query_ids = context_tables(process, t)
     context_marginal = context_law.sum(axis=i).reshape(-1)  # [V^(L-1)]
@@ -179,7 +190,7 @@ def expected_losses(p: np.ndarray, process: GlauberProcess, table: np.ndarray
                     ) -> dict[str, float]:
   """E_{x~p, t~U{0..T-1}, X_t} of the soft ("soft" = "hard" in expectation) and "ce" losses
   of the logits `table`, by enumeration (float64)."""
-  vocab_size, seq_len = process.vocab_size, process.seq_len
+  seq_len, u = process.seq_len, noise_law(process)
   logits = table.astype(np.float64)
   soft = ce = 0.0
   for t in range(process.num_steps):
@@ -190,16 +201,17 @@ def expected_losses(p: np.ndarray, process: GlauberProcess, table: np.ndarray
     law = p.astype(np.float64)
     for j, c in enumerate(visits):
       if j != i:
-        law = apply_on_axis(law, kernel(survival(process, int(c)), vocab_size), j)
+        law = apply_on_axis(law, kernel(survival(process, int(c)), u), j)
     state_ids, query_ids = context_tables(process, t)
     joint = law.reshape(-1)[state_ids]  # [ctx, x_i]
-    r = kernel(kappa, vocab_size)  # r[x_i, a]
+    r = kernel(kappa, u)  # r[x_i, a]
     row = logits[t, query_ids[:, 0]]  # [ctx, a]
     log_sig, log_sig_neg = -np.logaddexp(0.0, -row), -np.logaddexp(0.0, row)
     per = -(pi * (joint @ r) * log_sig + joint.sum(1, keepdims=True)
-            * (1.0 - pi) / vocab_size * log_sig_neg)
+            * (1.0 - pi) * u * log_sig_neg)
     soft += per.sum() / process.num_steps
-    log_softmax = row - np.logaddexp.reduce(row, axis=1, keepdims=True)
+    shifted = row + np.log(u)  # the reverse kernel is softmax(l + log u)
+    log_softmax = shifted - np.logaddexp.reduce(shifted, axis=1, keepdims=True)
     ce -= np.sum((joint @ r) * log_softmax) / process.num_steps
   return {"soft": soft, "ce": ce}
 
@@ -213,3 +225,26 @@ def conditional_entropy(p: np.ndarray, process: GlauberProcess) -> float:
     cond = joint / joint.sum(axis=1, keepdims=True)
     total -= np.sum(joint * np.log(cond)) / process.num_steps
   return total
+
+
+def nelbo_offsets(p: np.ndarray, process: GlauberProcess) -> tuple[np.ndarray, np.ndarray]:
+  """(gap, prior) per sequence x, each float64[V^L] (flat state index), by enumeration.
+
+  With exact reverse kernels, the path identity p(x) prod q(x_{t+1} | x_t) = p_T(x_T) prod R_t
+  makes the expected NELBO of x exactly -log p(x) + gap(x), gap(x) = E_{X_T ~ q(. | x)}
+  [log p_T(X_T) - log u^L(X_T)]; prior(x) = KL(q(X_T | x) || u^L), the NELBO's prior term.
+  """
+  vocab_size, seq_len, steps = process.vocab_size, process.seq_len, process.num_steps
+  u = noise_law(process)
+  log_prior = np.zeros((vocab_size,) * seq_len)
+  for j in range(seq_len):
+    log_prior = log_prior + np.log(u).reshape([-1 if k == j else 1 for k in range(seq_len)])
+  log_p_final = np.log(closed_form_marginal(p, process, steps)).reshape(-1)
+  gap, prior = np.zeros(vocab_size**seq_len), np.zeros(vocab_size**seq_len)
+  for index in range(vocab_size**seq_len):
+    point = np.zeros(vocab_size**seq_len)
+    point[index] = 1.0
+    q_final = closed_form_marginal(point.reshape(p.shape), process, steps).reshape(-1)
+    gap[index] = np.sum(q_final * (log_p_final - log_prior.reshape(-1)))
+    prior[index] = np.sum(q_final * (np.log(q_final) - log_prior.reshape(-1)))
+  return gap, prior

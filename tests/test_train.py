@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from md4.data.corpora import clean_text8
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # character level: configs/demo.py itself learns a BPE vocabulary
     "--config.data.tokenizer=char", "--config.vocab_size=27", "--config.seq_len=32",
@@ -134,6 +136,45 @@ def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
   assert all(s.startswith("the king") for s in text.rstrip("\n").split("\n\n"))
 
 
+def test_ggm_unigram_noise_and_nelbo(tmp_path, corpus):
+  """GGM with the paper's choices (K = 4, unigram noise): the noise law is counted once from the
+  training split and saved; eval lines, --mode=eval and sampling read it; eval reports bits."""
+  workdir = str(tmp_path / "run")
+  common = [f"--config.data.path={corpus}", *TINY]
+  run = lambda *args: subprocess.run(
+      [sys.executable, "main.py", "--config=configs/ggm_paper_demo.py", f"--workdir={workdir}",
+       *common, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  train = run("--config.training.num_steps=10", "--config.training.log_every=10",
+              "--config.training.eval_every=10", "--config.sampling.every=10",
+              "--config.eval.weights=('ema',)")
+  assert train.returncode == 0, train.stderr[-3000:]
+  law = np.load(os.path.join(workdir, "noise.npy"))
+  text = open(corpus).read()
+  train_text = clean_text8(text[:int(0.9 * len(text))])  # the held-out tenth comes last
+  freq = np.array([train_text.count(c) for c in "abcdefghijklmnopqrstuvwxyz "]) / len(train_text)
+  assert law.shape == (27,) and abs(law.sum() - 1) < 1e-9 and np.all(law > 0)
+  np.testing.assert_allclose(law, freq, atol=5e-3)
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  (train_line,) = [r for r in records if r["split"] == "train"]
+  assert "bits_per_token" not in train_line
+  (eval_line,) = [r for r in records if r["split"] == "eval"]
+  # Untrained (logits ~ 0, the model is about u^L): near the unigram entropy, 4.1 bits per
+  # character, but one step per sequence makes 16 sequences' mean noisy (se ~ 1.5 bits).
+  assert 0 < eval_line["bits_per_char"] < 12 and eval_line["bits_per_char_se"] > 0
+  assert eval_line["bits_per_char"] == pytest.approx(eval_line["bits_per_token"])
+  assert 0 < eval_line["classifier_loss"] < 1
+  (sample_line,) = [r for r in records if r["split"] == "sample"]
+  assert sample_line["network_calls"] == 4 * 32
+  before = os.path.getmtime(os.path.join(workdir, "noise.npy"))
+  evaluated = run("--mode=eval")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "bits_per_char=" in evaluated.stdout
+  sampled = run("--mode=sample")
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  assert os.path.getmtime(os.path.join(workdir, "noise.npy")) == before
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
   steps = ["--config.training.num_steps=300", "--config.training.checkpoint_every=25",
@@ -253,7 +294,7 @@ def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
 
 @pytest.mark.parametrize("config, expected", [
     ("configs/genmd4_demo.py", {"surrogate", "w_min", "w_mean", "w_max", "bits_per_token"}),
-    ("configs/ggm_demo.py", {"loss"}),
+    ("configs/ggm_demo.py", {"loss"}),  # the classifiers' loss; eval has the NELBO
     ("configs/ar_demo.py", {"bits_per_token", "ppl"}),
     # UNet compilation makes the image runs slow on a CPU.
     pytest.param("configs/blackout_demo.py", {"loss"}, marks=pytest.mark.slow),
@@ -280,6 +321,8 @@ def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
   evals = [r for r in records if r["split"] == "eval"]
   assert len(evals) == 1 and evals[0]["weights"] == "ema"
   if "ggm" in config or "blackout" in config:
+    assert "bits_per_token" not in train[-1]  # a classification / score loss
+  if "blackout" in config:
     assert "bits_per_token" not in evals[0]  # no likelihood bound
   else:
     assert 0 < evals[0]["bits_per_token"] < (9 if is_image else 6)

@@ -2,13 +2,15 @@
 
 Forward process: steps t = 0..T-1 with T = K * L (K sweeps); step t visits position
 i_t = t mod L and, with probability pi_t, leaves its token alone ("signal"), else replaces it by
-a uniform token ("noise"). Given the clean x, positions stay independent, so X_t is drawn in
-closed form. The reverse step resamples position i_t from q_t(a | x_{-i}), obtained from a bank
-of V binary classifiers "was the token a seen at i_t signal?":
+a token drawn from the noise law u ("noise"; u uniform or, e.g., the data's unigram frequencies).
+Given the clean x, positions stay independent, so X_t is drawn in closed form. The reverse step
+resamples position i_t from q_t(a | x_{-i}), obtained from a bank of V binary classifiers "was
+the token a seen at i_t signal?":
 
-    q_t(a | x_{-i}) = (Pi_t(a) / pi_t) * p_t / (1 - p_t),   Pi_t(a) = (1 - pi_t) / V,
+    q_t(a | x_{-i}) = (Pi_t(a) / pi_t) * p_t / (1 - p_t),   Pi_t(a) = (1 - pi_t) u(a),
 
-so with logits l(a) = logit(p_t(a, x_{-i})) the reverse kernel is softmax(l) (Pi_t is uniform).
+so with logits l(a) = logit(p_t(a, x_{-i})) the reverse kernel is softmax(l + log u). `nelbo`
+bounds -log p(x) with the exact time reversal of the chain, built from the same logits.
 
 Network contract: `logits_fn(x_in, t)` with x_in: int[B, L] in 0..V, where position i_t holds
 the query id V, and t: int[B]. It returns either float[B, L, V] (the row i_t is read) or
@@ -22,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from md4.diffusion.categorical import adjust_logits, sample_categorical
 from md4.diffusion.schedules import Schedule, get_schedule
@@ -32,6 +35,8 @@ LogitsFn = Callable[[Array, Array], Array]
 # Keep probabilities are clipped to this range so that both outcomes of a visit are possible.
 PI_MIN, PI_MAX = 1e-12, 1.0 - 1e-6
 LOSS_KINDS = ("soft", "hard", "ce")
+# Noise laws u of the configs: uniform, or the training split's token frequencies (given as u).
+NOISE_LAWS = ("uniform", "unigram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +45,50 @@ class GlauberProcess:
 
   `schedule` is a survival curve alpha (a Schedule or a name for `get_schedule`); the m-th visit
   of a position keeps its token with probability pi = alpha(m / K) / alpha((m - 1) / K).
+  `noise_law` is the law u of a noise token: float[V], positive, summing to 1 (None: uniform).
   """
 
   seq_len: int
   vocab_size: int
   sweeps: int
   schedule: Schedule | str
+  noise_law: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
     if isinstance(self.schedule, str):
       object.__setattr__(self, "schedule", get_schedule(self.schedule))
     if self.seq_len < 1 or self.vocab_size < 2 or self.sweeps < 1:
       raise ValueError(f"need seq_len >= 1, vocab_size >= 2, sweeps >= 1; got {self}")
+    if self.noise_law is not None:
+      u = np.asarray(self.noise_law, np.float64)
+      if u.shape != (self.vocab_size,) or not np.all(u > 0) or abs(u.sum() - 1.0) > 1e-4:
+        raise ValueError(f"noise_law must be {self.vocab_size} positive probabilities summing "
+                         f"to 1; got shape {u.shape}, min {u.min():.3g}, sum {u.sum():.6g}")
+      object.__setattr__(self, "noise_law", (u / u.sum()).astype(np.float32))
+
+  @property
+  def uniform_noise(self) -> bool:
+    return self.noise_law is None
+
+  def noise_dist(self) -> Array:
+    """u: float32[V], the law of a noise token."""
+    if self.noise_law is None:
+      return jnp.full((self.vocab_size,), 1.0 / self.vocab_size, jnp.float32)
+    return jnp.asarray(self.noise_law)
+
+  def log_noise_dist(self) -> Array:
+    """log u: float32[V]."""
+    if self.noise_law is None:
+      return jnp.full((self.vocab_size,), -np.log(self.vocab_size), jnp.float32)
+    return jnp.log(jnp.asarray(self.noise_law))
+
+  def draw_noise(self, rng: Array, shape: tuple[int, ...], dtype=jnp.int32) -> Array:
+    """Noise tokens ~ u, int[shape] (inverse CDF: O(log V) per token, no [..., V] array)."""
+    if self.noise_law is None:
+      return jax.random.randint(rng, shape, 0, self.vocab_size, dtype=dtype)
+    cdf = jnp.cumsum(jnp.asarray(self.noise_law, jnp.float32))
+    tokens = jnp.searchsorted(cdf, jax.random.uniform(rng, shape) * cdf[-1], side="right")
+    return jnp.minimum(tokens, self.vocab_size - 1).astype(dtype)
 
   @property
   def num_steps(self) -> int:
@@ -87,9 +124,22 @@ class GlauberProcess:
     """pi_t = Pi_t(phi) = alpha(m / K) / alpha((m - 1) / K), m = t // L + 1: float, in (0, 1)."""
     return self._visit_keep_probs()[jnp.asarray(t) // self.seq_len]
 
+  def noise_mass(self, t: Array) -> Array:
+    """1 - pi_t, the probability that the visit at step t writes a noise token: float."""
+    return self._visit_noise_probs()[jnp.asarray(t) // self.seq_len]
+
   def noise_prob(self, t: Array) -> Array:
-    """Pi_t(a) = (1 - pi_t) / V, the probability that the visit writes noise token a."""
-    return self._visit_noise_probs()[jnp.asarray(t) // self.seq_len] / self.vocab_size
+    """Pi_t(a) = (1 - pi_t) u(a), the probability that the visit writes noise token a:
+    float[..., V] for t: int[...]."""
+    return self.noise_mass(t)[..., None] * self.noise_dist()
+
+  def pre_visit_law(self, clean: Array, t: Array) -> Array:
+    """r_a = kappa 1[a = x_i] + (1 - kappa) u(a), the law of X_t^{i_t} given x_i = `clean`
+    (kappa = kappa_c, c = t // L completed visits of i_t): float[B, V] for clean, t: int[B]."""
+    visits = jnp.asarray(t) // self.seq_len
+    kappa = self.survival(visits)[:, None]
+    return (kappa * jax.nn.one_hot(clean, self.vocab_size)
+            + self.survival_complement(visits)[:, None] * self.noise_dist())
 
   def survival(self, c: Array) -> Array:
     """kappa_c = prod of the first c keep probabilities = alpha(c / K) / alpha(0): float."""
@@ -115,13 +165,22 @@ class GlauberProcess:
   def noise_to(self, x: Array, t: Array, rng: Array) -> Array:
     """Draws X_t | X_0 = x in closed form: int[B, L] for x: int[B, L], t: int[B] (0..T).
 
-    Position j keeps x_j with probability kappa_{c_j(t)}, else holds a uniform token.
+    Position j keeps x_j with probability kappa_{c_j(t)}, else holds a noise token ~ u.
     """
     keep_rng, token_rng = jax.random.split(rng)
     kappa = self.survival(self.completed_visits(jnp.broadcast_to(t, x.shape[:-1])))
     keep = jax.random.uniform(keep_rng, x.shape) < kappa
-    noise = jax.random.randint(token_rng, x.shape, 0, self.vocab_size, dtype=x.dtype)
+    noise = self.draw_noise(token_rng, x.shape, x.dtype)
     return jnp.where(keep, x, noise)
+
+  def prior_kl(self, x: Array) -> Array:
+    """KL(q(X_T | x) || u^L) in nats: float[B] for x: int[B, L]; position j of X_T is
+    kappa_K 1[. = x_j] + (1 - kappa_K) u."""
+    kappa = self.survival(self.sweeps)
+    u_x = self.noise_dist()[x]
+    at_x = kappa + (1.0 - kappa) * u_x
+    others = jax.scipy.special.xlogy((1.0 - kappa) * (1.0 - u_x), 1.0 - kappa)
+    return jnp.sum(at_x * (jnp.log(at_x) - jnp.log(u_x)) + others, axis=-1)
 
 
 def _query_row(logits: Array, i: Array) -> Array:
@@ -142,6 +201,16 @@ def stratified_steps(rng: Array, batch_size: int, num_steps: int) -> Array:
   return jnp.minimum(jnp.floor(frac * num_steps).astype(jnp.int32), num_steps - 1)
 
 
+def _queried_logits(logits_fn: LogitsFn, context: Array, t: Array, process: GlauberProcess
+                    ) -> Array:
+  """The network's float32 logits at i_t for the sequence `context` with position i_t replaced
+  by the query id: float[B, V] (one call; context int[B, L], t int[B])."""
+  i = process.position(t)
+  at_i = jnp.arange(context.shape[1]) == i[:, None]  # [B, L]
+  x_in = jnp.where(at_i, process.query_id, context)
+  return _query_row(logits_fn(x_in, t), i)
+
+
 def loss(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess, *,
          kind: str = "soft") -> Array:
   """One-visit classifier loss in nats per example: float[B] (unbiased, one step per row).
@@ -150,55 +219,87 @@ def loss(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess, *,
   visit of i = i_t; the network sees X_{t+1} with position i replaced by the query id V.
 
   kind:
-    "hard": simulate the visit (signal w.p. pi_t, else a uniform token), observed token b,
+    "hard": simulate the visit (signal w.p. pi_t, else a noise token ~ u), observed token b,
       binary cross-entropy of l(b) against y = 1[signal].
     "soft": its expectation over the visit and over X_t^i given x (same minimiser),
       -sum_a [pi_t r_a log sigmoid(l(a)) + Pi_t(a) log sigmoid(-l(a))], with
-      r_a = kappa 1[a = x_i] + (1 - kappa) / V the pre-visit law of position i.
-    "ce": cross-entropy of softmax(l) against the pre-visit token X_t^i, averaged over its law r
-      given x (Rao-Blackwellised); it learns the reverse kernel q_t directly.
+      r_a = kappa 1[a = x_i] + (1 - kappa) u(a) the pre-visit law of position i.
+    "ce": cross-entropy of softmax(l + log u) against the pre-visit token X_t^i, averaged over its
+      law r given x (Rao-Blackwellised); it learns the reverse kernel q_t directly.
   """
   if kind not in LOSS_KINDS:
     raise ValueError(f"unknown GGM loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
   step_rng, noise_rng, visit_rng = jax.random.split(rng, 3)
-  batch_size, seq_len = x.shape
-  vocab_size = process.vocab_size
+  batch_size = x.shape[0]
   t = stratified_steps(step_rng, batch_size, process.num_steps)  # [B]
   i = process.position(t)  # [B]
   x_t = process.noise_to(x, t, noise_rng)  # [B, L]
-  at_i = jnp.arange(seq_len) == i[:, None]  # [B, L]
-  x_in = jnp.where(at_i, process.query_id, x_t)
-  logits = _query_row(logits_fn(x_in, t), i)  # [B, V]
+  logits = _queried_logits(logits_fn, x_t, t, process)  # [B, V]
 
   pi = process.keep_prob(t)[:, None]  # [B, 1]
-  clean_i = jnp.take_along_axis(x, i[:, None], axis=1)  # [B, 1]
+  clean_i = jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]  # [B]
   if kind == "hard":
     signal_rng, token_rng = jax.random.split(visit_rng)
     signal = jax.random.uniform(signal_rng, (batch_size, 1)) < pi
-    noise = jax.random.randint(token_rng, (batch_size, 1), 0, vocab_size, dtype=x_t.dtype)
+    noise = process.draw_noise(token_rng, (batch_size, 1), x_t.dtype)
     observed = jnp.where(signal, jnp.take_along_axis(x_t, i[:, None], axis=1), noise)
     l_b = jnp.take_along_axis(logits, observed, axis=1)[:, 0]
     return -jnp.where(signal[:, 0], jax.nn.log_sigmoid(l_b), jax.nn.log_sigmoid(-l_b))
 
-  visits = t // seq_len  # completed visits of i before step t
-  kappa = process.survival(visits)[:, None]
-  r = (kappa * jax.nn.one_hot(clean_i[:, 0], vocab_size)
-       + process.survival_complement(visits)[:, None] / vocab_size)  # [B, V]
+  r = process.pre_visit_law(clean_i, t)  # [B, V]
   if kind == "ce":
-    return -jnp.sum(r * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-  noise_weight = process.noise_prob(t)[:, None]
+    return -jnp.sum(r * jax.nn.log_softmax(logits + process.log_noise_dist(), axis=-1), axis=-1)
   return -jnp.sum(pi * r * jax.nn.log_sigmoid(logits)
-                  + noise_weight * jax.nn.log_sigmoid(-logits), axis=-1)
+                  + process.noise_prob(t) * jax.nn.log_sigmoid(-logits), axis=-1)
+
+
+def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess) -> Array:
+  """Discrete-time negative ELBO of the reverse chain, nats per sequence: float[B] (>= -log p).
+
+  The model's reverse kernel at step t is the exact time reversal built from the classifiers,
+
+      R_t(a | b, x_{-i}) ∝ q_t(a | x_{-i}) [pi_t 1[a = b] + Pi_t(b)],   q_t ∝ u(a) exp(l(a)),
+
+  with b the token at i = i_t in X_{t+1}; with perfect classifiers R_t is the true reversal.
+  Each row draws one step t (stratified over the batch) and X_{t+1} | x in closed form, makes one
+  network call (the query row at i, as `loss` does) and returns
+
+      T * KL(q(X_t^i | X_{t+1}^i = b, x_i) || R_t(. | b, X_{t+1}^{-i})) + KL(q(X_T | x) || u^L),
+
+  where the forward posterior is q(a | b, x_i) ∝ [pi_t 1[a = b] + Pi_t(b)] r_a (r the pre-visit
+  law); on the first sweep it is a point mass at x_i and the term is -T log R_t(x_i | ...).
+  """
+  step_rng, noise_rng = jax.random.split(rng)
+  t = stratified_steps(step_rng, x.shape[0], process.num_steps)  # [B]
+  i = process.position(t)
+  x_next = process.noise_to(x, t + 1, noise_rng)  # [B, L]
+  logits = _queried_logits(logits_fn, x_next, t, process)  # [B, V]
+
+  b = jnp.take_along_axis(x_next, i[:, None], axis=1)  # [B, 1]
+  clean_i = jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
+  log_u = process.log_noise_dist()
+  # The visit's kernel P(b | a) is (1 - pi) u(b) for a != b, pi + (1 - pi) u(b) at a = b:
+  # `boost` is log of their ratio, added at a = b.
+  log_noise_b = jnp.log(process.noise_mass(t))[:, None] + log_u[b]  # [B, 1]
+  boost = jnp.logaddexp(jnp.log(process.keep_prob(t))[:, None], log_noise_b) - log_noise_b
+  at_b = jnp.arange(process.vocab_size) == b  # [B, V]
+  log_reverse = jax.nn.log_softmax(logits + log_u + jnp.where(at_b, boost, 0.0), axis=-1)
+  posterior = process.pre_visit_law(clean_i, t) * jnp.where(at_b, jnp.exp(boost), 1.0)
+  posterior = posterior / posterior.sum(axis=-1, keepdims=True)
+  safe = jnp.where(posterior > 0, posterior, 1.0)
+  kl = jnp.sum(jnp.where(posterior > 0, posterior * (jnp.log(safe) - log_reverse), 0.0), axis=-1)
+  return process.num_steps * kl + process.prior_kl(x)
 
 
 def sample(logits_fn: LogitsFn, rng: Array, process: GlauberProcess, *, batch_size: int,
            known: Array | None = None, known_mask: Array | None = None,
            renoise_known: bool = False, temperature: float = 1.0,
            top_p: float | None = None) -> Array:
-  """Heat-bath reverse sampler from uniform noise X_T down to X_0: int[B, L].
+  """Heat-bath reverse sampler from noise X_T ~ u^L down to X_0: int[B, L].
 
-  Step t resamples position i_t from softmax(l) (= softmax(l + log Pi_t), Pi_t uniform), l the
-  network's logits with position i_t replaced by the query id; temperature / top-p apply to l.
+  Step t resamples position i_t from softmax(l + log u) (plain softmax(l) for uniform noise), l
+  the network's logits with position i_t replaced by the query id; temperature / top-p apply to
+  l + log u.
   One network call per step, T = K * L steps in one `lax.fori_loop`.
 
   Infilling: positions where `known_mask` ([L] or [B, L]) is set hold `known` throughout and are
@@ -206,11 +307,10 @@ def sample(logits_fn: LogitsFn, rng: Array, process: GlauberProcess, *, batch_si
   With `renoise_known`, the network sees the known tokens re-noised to the current level, a fresh
   closed-form draw X_t | known at every step; the result still holds the clean known tokens.
   """
-  seq_len, vocab_size = process.seq_len, process.vocab_size
-  num_steps = process.num_steps
+  seq_len, num_steps = process.seq_len, process.num_steps
   shape = (batch_size, seq_len)
   init_rng, loop_rng = jax.random.split(rng)
-  z = jax.random.randint(init_rng, shape, 0, vocab_size, dtype=jnp.int32)
+  z = process.draw_noise(init_rng, shape)
   conditioned = known_mask is not None
   if conditioned:
     if known is None:
@@ -228,8 +328,10 @@ def sample(logits_fn: LogitsFn, rng: Array, process: GlauberProcess, *, batch_si
     if conditioned and renoise_known:
       context = jnp.where(known_mask, process.noise_to(known, t_batch, context_rng), z)
     x_in = jnp.where(positions == i, process.query_id, context)
-    logits = adjust_logits(_query_row(logits_fn(x_in, t_batch), i), temperature=temperature,
-                           top_p=top_p)
+    logits = _query_row(logits_fn(x_in, t_batch), i)
+    if not process.uniform_noise:
+      logits = logits + process.log_noise_dist()
+    logits = adjust_logits(logits, temperature=temperature, top_p=top_p)
     token = sample_categorical(draw_rng, logits).astype(jnp.int32)  # [B]
     if conditioned:
       token = jnp.where(known_mask[:, i], z[:, i], token)

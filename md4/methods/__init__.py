@@ -21,8 +21,9 @@ METHODS: dict[str, type] = {"md4": MD4, "genmd4": GenMD4, "ggm": GGM, "ar": AR,
                             "blackout": Blackout, "md4_pixels": MD4Pixels}
 
 
-def create(config: ml_collections.ConfigDict, vocab_size: int):
-  """The method named by config.model_type."""
+def create(config: ml_collections.ConfigDict, vocab_size: int, **data_stats):
+  """The method named by config.model_type; `data_stats` are statistics of the training data
+  that it needs (GGM's unigram noise law: noise_law)."""
   if config.model_type not in METHODS:
     raise ValueError(f"unknown model_type {config.model_type!r}; known: {', '.join(METHODS)}")
-  return METHODS[config.model_type](config, vocab_size)
+  return METHODS[config.model_type](config, vocab_size, **data_stats)

@@ -228,42 +228,67 @@ def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: boo
 
 @dataclasses.dataclass
 class GGM:
-  """Glauber Generative Model (docs/methods.md §3): a bank of V signal/noise classifiers."""
+  """Glauber Generative Model (docs/methods.md §3): a bank of V signal/noise classifiers.
+
+  `noise_law` is u for ggm.noise=unigram (the training split's token frequencies, float[V]; the
+  run's set-up reads or computes it); uniform noise needs none.
+  """
 
   config: ml_collections.ConfigDict
   vocab_size: int
-  likelihood_metrics = ()  # GGM has no ELBO
+  noise_law: Any = None
+  # Metrics with these names are nats per sequence and become bits_per_token / ppl in reports.
+  likelihood_metrics = ("nelbo",)
+  loss_is_likelihood = False  # the training loss is the classifiers' (no bits in train lines)
 
   def __post_init__(self):
     self.model = build_transformer(self.config, self.vocab_size,
                                    num_embeddings=self.vocab_size + 1)
     g = self.config.ggm
+    if (g.noise == "unigram") != (self.noise_law is not None):
+      raise ValueError(f"ggm.noise={g.noise} needs a noise_law exactly when unigram "
+                       f"(got {'one' if self.noise_law is not None else 'none'})")
     self.process = glauber.GlauberProcess(self.config.seq_len, self.vocab_size, g.sweeps,
-                                          self.config.diffusion.schedule)
+                                          self.config.diffusion.schedule, self.noise_law)
 
   def init(self, rng: Array) -> Any:
     tokens = jnp.zeros((1, self.config.seq_len), jnp.int32)
     return self.model.init(rng, tokens, jnp.zeros((1,)))["params"]
 
+  def _logits_fn(self, params, rng, train):
+    return query_head_fn(self.model, params, rng, train, self.process.num_steps)
+
   def _losses(self, params, tokens, rng, train):
     net_rng, diffusion_rng = jax.random.split(rng)
-    logits_fn = query_head_fn(self.model, params, net_rng, train, self.process.num_steps)
-    return glauber.loss(logits_fn, tokens, diffusion_rng, self.process,
-                        kind=self.config.ggm.loss)
+    return glauber.loss(self._logits_fn(params, net_rng, train), tokens, diffusion_rng,
+                        self.process, kind=self.config.ggm.loss)
 
   def loss(self, params, tokens, rng, train=True):
     loss = self._losses(params, tokens, rng, train).mean()
     return loss, {"loss": loss}
 
   def evaluate(self, params, tokens, rng):
-    return {"loss": self._losses(params, tokens, rng, train=False)}
+    """Per sequence: the NELBO of the reverse chain (nats) and the classifier loss."""
+    loss_rng, nelbo_rng = jax.random.split(rng)
+    nelbo = glauber.nelbo(self._logits_fn(params, None, False), tokens, nelbo_rng, self.process)
+    return {"nelbo": nelbo, "classifier_loss": self._losses(params, tokens, loss_rng, False)}
+
+  def sample_with_calls(self, params, rng, batch_size, known=None, known_mask=None):
+    """Heat-bath samples and the network calls they took: K per position not known in every
+    row (T = K L without infilling)."""
+    s = self.config.sampling
+    samples = glauber.sample(self._logits_fn(params, None, False), rng, self.process,
+                             batch_size=batch_size, known=known, known_mask=known_mask,
+                             renoise_known=self.config.ggm.renoise_known,
+                             temperature=s.temperature, top_p=s.top_p or None)
+    free = self.config.seq_len
+    if known_mask is not None:
+      mask = jnp.asarray(known_mask, bool).reshape(-1, self.config.seq_len)
+      free = jnp.sum(~jnp.all(mask, axis=0))
+    return samples, self.config.ggm.sweeps * jnp.asarray(free)
 
   def sample(self, params, rng, batch_size, known=None, known_mask=None):
-    s = self.config.sampling
-    logits_fn = query_head_fn(self.model, params, None, False, self.process.num_steps)
-    return glauber.sample(logits_fn, rng, self.process, batch_size=batch_size, known=known,
-                          known_mask=known_mask, renoise_known=self.config.ggm.renoise_known,
-                          temperature=s.temperature, top_p=s.top_p or None)
+    return self.sample_with_calls(params, rng, batch_size, known, known_mask)[0]
 
 
 @dataclasses.dataclass

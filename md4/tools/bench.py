@@ -6,6 +6,8 @@
       --batch 8 --steps 256
   python -m md4.tools.bench ggm    --layers 6 --width 256 --heads 8 --seq_len 256 --batch 8 \
       --vocabs 27 50257
+  python -m md4.tools.bench ggm    --layers 4 --width 128 --heads 4 --seq_len 48 --batch 32 \
+      --vocabs 512 --vocab 512 --steps 48 --sweeps 2   # demo shape: GGM beside MD4
   python -m md4.tools.bench memory      --config=configs/owt.py --devices=8 [--config.mesh...]
   python -m md4.tools.bench collectives --config=configs/owt.py --devices=8 [--config.mesh...]
 
@@ -202,6 +204,7 @@ def cmd_ggm(args) -> dict:
                       "head_flops": 2 * args.batch * args.width * vocab}
     print(f"V={vocab:6d}: query-head call {query_s * 1e3:8.2f} ms ({flops / 1e9:.2f} GFLOP), "
           f"full-head call {full_s * 1e3:8.2f} ms")
+  beside_md4 = ggm_beside_md4(args)
   small, large = (results[v] for v in (min(args.vocabs), max(args.vocabs)))
   growth = large["call_s"] / small["call_s"]
   flop_growth = large["flops_per_call"] / small["flops_per_call"]
@@ -209,7 +212,33 @@ def cmd_ggm(args) -> dict:
         f"FLOPs per call grow {flop_growth:.2f}x (the head's share)")
   return {"seconds_per_call": {str(v): r["call_s"] for v, r in results.items()},
           "time_growth": growth, "flop_growth": flop_growth,
-          "variants": {str(v): r for v, r in results.items()}, "peak_rss_mb": peak_rss_mb()}
+          "variants": {str(v): r for v, r in results.items()}, "beside_md4": beside_md4,
+          "peak_rss_mb": peak_rss_mb()}
+
+
+def ggm_beside_md4(args) -> dict:
+  """GGM (K = --sweeps) and MD4 (--steps sampling steps) at one shape (V = --vocab): seconds per
+  training step, supervised positions per step, and one batch of samples with its network calls.
+  """
+  tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, args.vocab)
+  results = {}
+  for name in ("md4", "ggm"):
+    config = bench_config(args)
+    config.model_type, config.ggm.sweeps = name, args.sweeps
+    config.model.time_conditioning = name == "ggm" or not args.no_time
+    train = time_train_step(config, tokens)
+    method = methods.create(config, config.vocab_size)
+    params = method.init(jax.random.key(0))
+    sample = jax.jit(method.sample_with_calls, static_argnums=2)
+    seconds = best_time(sample, params, jax.random.key(2), args.batch, repeats=2)
+    calls = int(sample(params, jax.random.key(2), args.batch)[1])
+    # MD4 supervises every masked position (half on average); GGM one position per sequence.
+    supervised = args.batch * (args.seq_len / 2 if name == "md4" else 1)
+    results[name] = {"train_step_s": train["step_s"], "supervised_per_step": supervised,
+                     "sample_s": seconds, "network_calls": calls}
+    print(f"{name}: train step {train['step_s'] * 1e3:7.1f} ms ({supervised:.0f} supervised "
+          f"positions), {args.batch} samples {seconds * 1e3:8.1f} ms in {calls} network calls")
+  return results
 
 
 def load_config(config_argv: list[str]) -> config_lib.ml_collections.ConfigDict:
@@ -326,6 +355,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=256)
   parser.add_argument("--vocabs", type=int, nargs="+", default=[27, 50257],
                       help="ggm: vocabulary sizes to compare")
+  parser.add_argument("--sweeps", type=int, default=2, help="ggm: K, sweeps of its sampler")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--peak_n", type=int, default=2048,
                       help="train: matrix size of the peak measurement (8192 on accelerators)")

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from md4 import config_lib, methods
 from md4.data import images
@@ -23,6 +25,8 @@ from md4.training.optimizer import make_optimizer
 from md4.training.step import init_state, train_step
 
 TOKENIZER_FILE = "tokenizer.json"  # a run's learned tokenizer (data.tokenizer=bpe), in its workdir
+NOISE_FILE = "noise.npy"  # GGM's unigram noise law (ggm.noise=unigram), in its workdir
+NOISE_TOKENS = 1 << 24  # training tokens it counts (a shuffled sample of a larger split)
 
 # Config fields that make the checkpoint what it is (model, tokenizer, optimizer state): fixed for
 # a workdir in every mode. A key ending in "." stands for all the fields below it.
@@ -114,7 +118,11 @@ class Run:
                                   vocab_size=config.vocab_size,
                                   tokenizer_file=os.path.join(workdir, TOKENIZER_FILE))
     vocab_size = config_lib.check_data(config, self.data) if with_data else config.vocab_size
-    self.method = methods.create(config, vocab_size)
+    data_stats = {}
+    if config.model_type == "ggm" and config.ggm.noise == "unigram":
+      data_stats["noise_law"] = unigram_noise_law(self.data, workdir, vocab_size,
+                                                  write=not read_only)
+    self.method = methods.create(config, vocab_size, **data_stats)
     self.tx, self.lr = make_optimizer(config, config.training.num_steps)
     # Independent streams for init, training steps, evaluation and sampling.
     self.init_rng, self.train_rng, self.eval_rng, self.sample_rng = jax.random.split(
@@ -166,6 +174,38 @@ class Run:
                              rng=self.eval_rng, num_batches=num_batches,
                              likelihood_metrics=self.method.likelihood_metrics,
                              time_samples=self.config.eval.time_samples)
+
+
+def unigram_noise_law(data: Any, workdir: str, vocab_size: int, *, write: bool) -> np.ndarray:
+  """GGM's noise law u for ggm.noise=unigram: the workdir's noise.npy, else the add-one smoothed
+  token frequencies of about NOISE_TOKENS training tokens (the whole split when smaller, in the
+  training order; the iterator is put back where it was), saved there when `write`."""
+  path = os.path.join(workdir, NOISE_FILE)
+  if os.path.exists(path):
+    law = np.load(path)
+    if law.shape != (vocab_size,):
+      raise config_lib.ConfigError(f"config: {path} holds a noise law over {law.shape[0]} "
+                                   f"tokens, the model has {vocab_size}")
+    return law
+  if data is None:
+    raise config_lib.ConfigError(f"config: ggm.noise=unigram needs {path}, written by training")
+  state = data.train.get_state()
+  first = np.asarray(next(data.train)["tokens"])
+  global_batch = first.size * jax.process_count()  # tokens per global batch
+  total = min(data.info["train_sequences"] * first.shape[1], NOISE_TOKENS)
+  counts = np.bincount(first.reshape(-1), minlength=vocab_size)
+  for _ in range(max(1, total // global_batch) - 1):
+    counts += np.bincount(np.asarray(next(data.train)["tokens"]).reshape(-1), minlength=vocab_size)
+  data.train.set_state(state)
+  if jax.process_count() > 1:
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  law = (counts + 1.0) / (counts.sum() + vocab_size)
+  logging.info("ggm: unigram noise law from %d training tokens", counts.sum())
+  if write and jax.process_index() == 0:
+    with open(path + ".tmp", "wb") as f:
+      np.save(f, law)
+    os.replace(path + ".tmp", path)
+  return law
 
 
 def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,

@@ -97,7 +97,7 @@ def _train(run: Run, changes: dict) -> dict:
         logged["skipped_steps"] = sum(skipped)
         logged["tokens_per_s"] = tokens_per_step * len(window) / train_time
         train_time = 0.0
-        if run.method.likelihood_metrics:
+        if run.method.likelihood_metrics and getattr(run.method, "loss_is_likelihood", True):
           logged.update(evaluate.likelihood_report(logged["loss"]))
           if chars_per_token:  # the training split's mean, not this window's own count
             logged["bits_per_char"] = logged["bits_per_token"] / chars_per_token
