@@ -91,6 +91,8 @@ def main(argv: list[str]) -> None:
                " (CPU steps are faster with tcmalloc, see md4/training/tcmalloc.py)")
   if wants_distributed():
     initialize_distributed()
+  from etils import epath
+
   from md4 import config_lib
   from md4.evaluation import inference
   from md4.training import checkpoints, lock, run, train
@@ -100,7 +102,8 @@ def main(argv: list[str]) -> None:
   try:
     if FLAGS.mode != "sample" and (FLAGS.prompt or FLAGS.infill or FLAGS.infill_region):
       raise ValueError("--prompt, --infill and --infill_region are for --mode=sample")
-    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    workdir = epath.Path(FLAGS.workdir)  # a local or bucket (gs://) directory
+    if workdir.exists() and not workdir.is_dir():
       raise ValueError(f"--workdir {FLAGS.workdir} is a file, not a directory")
     if FLAGS.mode == "train":
       train.train(FLAGS.config, FLAGS.workdir)
@@ -116,8 +119,7 @@ def main(argv: list[str]) -> None:
       if path.endswith(".png"):
         print(f"wrote {path}")
       else:
-        with open(path) as f:
-          print(f.read())
+        print(epath.Path(path).read_text())
   except expected as e:
     if os.environ.get("MD4_DEBUG"):
       raise

@@ -14,12 +14,17 @@
 #   --name     MD4_TPU_NAME          TPU name (default md4-tpu)
 #   --version  MD4_RUNTIME_VERSION   TPU software version (default chosen from the accelerator type)
 #   --config   MD4_CONFIG            experiment config (default configs/owt.py)
-#   --run      MD4_RUN               run name; workdir = gs://BUCKET/runs/RUN via gcsfuse (default NAME)
+#   --run      MD4_RUN               run name; workdir = gs://BUCKET/runs/RUN (default NAME)
+#   --gcsfuse  MD4_GCSFUSE=1         install: also mount the bucket at ~/gcs on every worker (gcsfuse),
+#                                    for tools that want local paths; training does not need it
 #   --spot                           request a Spot slice
 #   --dry-run                        print the commands instead of running them
 #
-# The bucket is mounted with gcsfuse on every worker, so checkpoints (written by all workers) and
-# metrics (process 0) land in one shared run directory. The OWT shards are copied to local disk.
+# The run directory is the bucket itself: Orbax writes every worker's checkpoint shards to
+# gs://BUCKET/runs/RUN directly, process 0 the metrics, samples and config (through etils.epath
+# with gcsfs; google-cloud-storage for Orbax's bucket queries). TensorBoard reads the event files
+# from there: tensorboard --logdir gs://BUCKET/runs/RUN/tensorboard (with gcsfs installed).
+# The OWT shards are copied to each worker's disk.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -34,6 +39,7 @@ NAME="${MD4_TPU_NAME:-md4-tpu}"
 VERSION="${MD4_RUNTIME_VERSION:-}"
 CONFIG="${MD4_CONFIG:-configs/owt.py}"
 RUN="${MD4_RUN:-}"
+GCSFUSE="${MD4_GCSFUSE:-0}"
 SPOT=0
 DRY_RUN=0
 COMMAND=""
@@ -49,6 +55,7 @@ while (($#)); do
     --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
     --config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
     --run) RUN="${2:?--run needs a value}"; shift 2 ;;
+    --gcsfuse) GCSFUSE=1; shift ;;
     --spot) SPOT=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -98,10 +105,10 @@ run() {  # prints the command (dry run) or runs it
 
 TPU=(gcloud compute tpus tpu-vm)
 WHERE=(--project="$PROJECT" --zone="$ZONE")
+WORKDIR="gs://$BUCKET/runs/$RUN"
 # Single quotes on purpose: $HOME is expanded on the workers, not here.
 # shellcheck disable=SC2016
 MOUNT='$HOME/gcs'
-WORKDIR="$MOUNT/runs/$RUN"
 # shellcheck disable=SC2016
 LOG='$HOME/md4-train.log'
 # shellcheck disable=SC2016
@@ -119,20 +126,21 @@ create() {
 }
 
 install() {
-  local archive="/tmp/md4-src-$NAME.tar.gz"
-  run tar -czf "$archive" -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./runs \
-    --exclude=./data/owt .
-  run "${TPU[@]}" scp "$archive" "$NAME:md4-src.tar.gz" "${WHERE[@]}" --worker=all
-  on_workers all "set -e; mkdir -p \$HOME/md4 && tar -xzf \$HOME/md4-src.tar.gz -C \$HOME/md4
-cd \$HOME/md4 && python3 -m venv .venv && .venv/bin/pip install -q -U pip
-.venv/bin/pip install -q 'jax[tpu]' -r requirements.txt
-ldconfig -p | grep -q libtcmalloc || sudo apt-get install -y -q libtcmalloc-minimal4 || true
+  local archive="/tmp/md4-src-$NAME.tar.gz" mount=""
+  ((GCSFUSE)) && mount="
 if ! command -v gcsfuse >/dev/null; then
   echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add -
   sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
 fi
-mkdir -p $MOUNT && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir-limit=1000000 $BUCKET $MOUNT)
+mkdir -p $MOUNT && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs $BUCKET $MOUNT)"
+  run tar -czf "$archive" -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./runs \
+    --exclude=./data/owt .
+  run "${TPU[@]}" scp "$archive" "$NAME:md4-src.tar.gz" "${WHERE[@]}" --worker=all
+  on_workers all "set -e; mkdir -p \$HOME/md4 && tar -xzf \$HOME/md4-src.tar.gz -C \$HOME/md4
+cd \$HOME/md4 && python3 -m venv .venv && .venv/bin/pip install -q -U pip
+.venv/bin/pip install -q 'jax[tpu]' gcsfs google-cloud-storage -r requirements.txt
+ldconfig -p | grep -q libtcmalloc || sudo apt-get install -y -q libtcmalloc-minimal4 || true$mount
 mkdir -p data/owt && gcloud storage cp -r 'gs://$BUCKET/data/owt/*' data/owt/"
 }
 

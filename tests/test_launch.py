@@ -60,15 +60,28 @@ def test_tpu_dry_run_all():
                       "md4-test:md4-src.tar.gz " + where + " --worker=all")
   ssh = "gcloud compute tpus tpu-vm ssh md4-test " + where
   install, train, logs = (line for line in lines if line.startswith(ssh))
-  assert "--worker=all" in install and "gcsfuse" in install and "my-bucket" in install
-  assert "jax\\[tpu\\]" in install or "jax[tpu]" in install
+  assert "--worker=all" in install and "gs://my-bucket/data/owt/*" in install
+  # gs:// through etils.epath (gcsfs) and Orbax (google-cloud-storage); no gcsfuse mount.
+  assert (".venv/bin/pip install -q \\'jax[tpu]\\' gcsfs google-cloud-storage "
+          "-r requirements.txt") in install
+  assert "gcsfuse" not in install
   assert "--worker=all" in train
-  for part in ("main.py --workdir=$HOME/gcs/runs/md4-test", "--config=configs/owt.py",
+  for part in ("main.py --workdir=gs://my-bucket/runs/md4-test", "--config=configs/owt.py",
                "--distributed=on", "--config.training.batch_size=256"):
     assert part in train, train
   assert "--worker=0" in logs and "tail" in logs
   assert lines[-1] == "gcloud compute tpus tpu-vm delete md4-test " + where + " --quiet"
   assert len(lines) == 7
+
+
+def test_tpu_gcsfuse_mount_only_on_request():
+  result = launch("launch/tpu_vm.sh", "--dry-run", *TPU, "--gcsfuse", "install")
+  assert result.returncode == 0, result.stderr
+  install = result.stdout.strip().splitlines()[-1]
+  assert "mkdir -p $HOME/gcs && (mountpoint -q $HOME/gcs || gcsfuse --implicit-dirs my-bucket " \
+         "$HOME/gcs)" in install
+  train = launch("launch/tpu_vm.sh", "--dry-run", *TPU, "--gcsfuse", "train").stdout
+  assert "--workdir=gs://my-bucket/runs/md4-test " in train  # training still writes gs:// itself
 
 
 def test_tpu_v5e_runtime_and_env_settings():

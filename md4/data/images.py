@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import grain
 import numpy as np
+from etils import epath
 
 from md4.data import IMAGE_DATASETS, pipeline
 
@@ -270,6 +271,7 @@ def save_image_grid(images: np.ndarray, path: str | pathlib.Path, max_count: int
   grid = image_grid(images, max_count)
   if grid.shape[-1] not in (1, 3):
     raise ValueError(f"PNG grids need 1 or 3 channels, got {grid.shape[-1]}")
-  path = pathlib.Path(path)
+  path = epath.Path(path)  # a local or bucket (gs://) path
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
+  with path.open("wb") as f:
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")

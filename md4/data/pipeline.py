@@ -20,13 +20,15 @@ data_config fields:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from md4.data import corpora, owt, tokenizers
 
@@ -143,15 +145,34 @@ def _text_tokenizer(cfg, train_text: Any, vocab_size: int | None, tokenizer_file
   if name != "bpe":
     return tokenizers.get_tokenizer(name), None
   path = cfg.get("tokenizer_path") or tokenizer_file
-  if path and os.path.isfile(path):
-    return tokenizers.get_tokenizer("bpe", path=path), None
+  if path and epath.Path(path).is_file():
+    with _local_file(path, read=True) as local:
+      return tokenizers.get_tokenizer("bpe", path=local), None
   if not vocab_size:
     raise ValueError("learning a bpe tokenizer needs its vocabulary size (vocab_size)")
   tokenizer, train_ids = tokenizers.BPETokenizer.learn_encoding(train_text, vocab_size)
   if path and process_index == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tokenizer.save(path)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _local_file(path) as local:
+      tokenizer.save(local)
   return tokenizer, train_ids
+
+
+@contextlib.contextmanager
+def _local_file(path: str, *, read: bool = False) -> Iterator[str]:
+  """`path` itself when it is local; for a bucket (gs://) path a local temporary file, filled
+  from the bucket (`read`) or else copied to it afterwards (tokenizers read and write local
+  files only)."""
+  if "://" not in path:
+    yield path
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = epath.Path(tmp) / epath.Path(path).name
+    if read:
+      local.write_bytes(epath.Path(path).read_bytes())
+    yield str(local)
+    if not read:
+      epath.Path(path).write_bytes(local.read_bytes())
 
 
 def _owt_sources(cfg, tokenizer, seq_len: int) -> tuple[Sequence, Sequence, str]:

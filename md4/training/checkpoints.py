@@ -11,7 +11,6 @@ reported and the next older one is tried; a training run moves the unreadable on
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grain
@@ -27,9 +26,18 @@ class CheckpointError(RuntimeError):
   """No checkpoint in the directory could be restored."""
 
 
+def absolute(path: str) -> epath.Path:
+  """`path` made absolute; a bucket path (gs://) already is (epath's `absolute()` would put the
+  working directory in front of it)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
 def has_checkpoints(directory: str) -> bool:
-  """Whether `directory` holds at least one finished checkpoint (without creating anything)."""
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  """Whether `directory` (local or gs://) holds at least one finished checkpoint (without
+  creating anything)."""
+  path = epath.Path(directory)
+  return path.is_dir() and any(child.name.isdigit() for child in path.iterdir())
 
 
 class Checkpointer:
@@ -40,7 +48,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = epath.Path(directory).absolute()
+    self.directory = absolute(directory)
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save,
@@ -107,7 +115,7 @@ class Checkpointer:
     multihost_utils.sync_global_devices(f"name the unreadable checkpoint {step}")
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
-      os.rename(source, target)
+      source.rename(target)
     multihost_utils.sync_global_devices(f"moved the unreadable checkpoint {step}")
     self._manager.reload()
     logging.warning("%s; moved it to %s and resuming from step %d", unreadable, target, fallback)

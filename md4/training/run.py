@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from md4 import config_lib, methods
@@ -70,7 +71,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
   key; other changes (learning rate, step count, intervals, ...) are returned, to be recorded.
   """
   if not (checkpoints.has_checkpoints(os.path.join(workdir, "checkpoints"))
-          and os.path.exists(os.path.join(workdir, "config.json"))):
+          and (epath.Path(workdir) / "config.json").exists()):
     return {}
   saved, new = _flat(config_lib.load(workdir)), _flat(config)
   changed = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
@@ -216,7 +217,7 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
   the same vocabulary (zero-shot evaluation); `with_data=False` reads no data at all.
   """
   directory = os.path.join(workdir, "checkpoints")
-  missing = checkpoints.CheckpointError(f"no checkpoint in {os.path.abspath(directory)}; "
+  missing = checkpoints.CheckpointError(f"no checkpoint in {checkpoints.absolute(directory)}; "
                                         "train first (--mode=train)")
   if not checkpoints.has_checkpoints(directory):  # before anything is read or written
     raise missing
