@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from md4 import config_lib
+from md4.data import images as image_data
 from md4.diffusion import masked
 from md4.methods import image
 from md4.training.optimizer import make_optimizer
@@ -39,6 +40,29 @@ def perturbed_params(method, seed=0):
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape)
                                    for p, k in zip(leaves, keys, strict=True)])
+
+
+def test_image_batches_carry_each_image_s_label(tmp_path):
+  for split, n in (("train", 30), ("test", 12)):
+    labels = np.arange(n, dtype=np.uint8) % 10
+    np.save(tmp_path / f"{split}_images.npy",
+            np.broadcast_to(labels[:, None, None, None] * 20, (n, 4, 4, 1)).astype(np.uint8))
+    np.save(tmp_path / f"{split}_labels.npy", labels)
+  config = {"dataset": "fashion_mnist", "path": str(tmp_path)}
+  data = image_data.create_image_datasets(config, batch_size=6, seed=0, labels=True,
+                                          eval_batch_size=4)
+  batches = [next(data.train) for _ in range(10)] + list(data.eval_batches())
+  assert len(batches) == 13
+  for batch in batches:
+    assert batch["labels"].dtype == np.int32 and batch["labels"].shape == (len(batch["images"]),)
+    np.testing.assert_array_equal(batch["images"][:, 0, 0, 0], 20 * batch["labels"])
+  shuffled = np.concatenate([b["labels"] for b in batches[:5]])
+  assert len(set(shuffled.tolist())) == 10  # every class appears in 30 shuffled examples
+  plain = image_data.create_image_datasets(config, batch_size=6, seed=0)
+  assert set(next(plain.train)) == {"images"}
+  (tmp_path / "train_labels.npy").unlink()
+  with pytest.raises(FileNotFoundError, match="train_labels.npy not found"):
+    image_data.create_image_datasets(config, batch_size=6, seed=0, labels=True)
 
 
 def test_label_dropout_replaces_labels_at_the_configured_rate():
