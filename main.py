@@ -2,7 +2,8 @@
 
 Config values can be overridden on the command line, e.g. --config.optimizer.lr=1e-3.
 mode=eval with other data (--config.data.path=...) is zero-shot likelihood. mode=sample takes
-one of --prompt, --infill (text, gaps as `_`) or --infill_region (images, e.g. center).
+one of --prompt, --infill (text, gaps as `_`) or --infill_region (images, e.g. center), and
+--class_label for class-conditional image models.
 mode=eval and mode=sample read the workdir's config.json (the --config file is only the base of
 the command line's overrides, which may not change the model). Bad input (unknown config key or
 dataset, wrong vocabulary, missing file, no checkpoint, a resume that changes the model or data,
@@ -29,6 +30,9 @@ flags.DEFINE_string("infill", None, "mode=sample: a text template whose `_` char
                     "unknown tokens to fill (one token each); the rest is kept fixed.")
 flags.DEFINE_string("infill_region", None, "mode=sample, image models: the region of held-out "
                     "images to fill: top, bottom, left, right, center or 'y0:y1,x0:x1'.")
+flags.DEFINE_integer("class_label", None, "mode=sample, class-conditional image models "
+                     "(unet.num_classes_cond > 0): the class of every sample (sampling.guidance "
+                     "guides toward it against the null class).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize(): auto = when the environment asks for it.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -100,8 +104,10 @@ def main(argv: list[str]) -> None:
   expected = (config_lib.ConfigError, ValueError, FileNotFoundError,
               checkpoints.CheckpointError, train.NonFiniteError, lock.WorkdirBusy)
   try:
-    if FLAGS.mode != "sample" and (FLAGS.prompt or FLAGS.infill or FLAGS.infill_region):
-      raise ValueError("--prompt, --infill and --infill_region are for --mode=sample")
+    if FLAGS.mode != "sample" and (FLAGS.prompt or FLAGS.infill or FLAGS.infill_region
+                                   or FLAGS.class_label is not None):
+      raise ValueError("--prompt, --infill, --infill_region and --class_label are for "
+                       "--mode=sample")
     workdir = epath.Path(FLAGS.workdir)  # a local or bucket (gs://) directory
     if workdir.exists() and not workdir.is_dir():
       raise ValueError(f"--workdir {FLAGS.workdir} is a file, not a directory")
@@ -109,6 +115,13 @@ def main(argv: list[str]) -> None:
       train.train(FLAGS.config, FLAGS.workdir)
       return
     config = run.inference_config(FLAGS.workdir, FLAGS["config"].override_values)
+    if FLAGS.class_label is not None:
+      classes = config.unet.num_classes_cond if config.model_type == "md4_pixels" else 0
+      if not 0 <= FLAGS.class_label < classes:
+        raise ValueError(f"--class_label {FLAGS.class_label}: " + (
+            f"the model's classes are 0..{classes - 1}" if classes else
+            f"the {config.model_type} model in {FLAGS.workdir} is not class-conditional"))
+      config.sampling.class_label = FLAGS.class_label
     if FLAGS.mode == "eval":
       report = inference.eval_only(config, FLAGS.workdir)
       print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

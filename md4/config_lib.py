@@ -112,6 +112,10 @@ def base() -> ml_collections.ConfigDict:
       block_size=0,  # > 0: semi-autoregressive blocks of this size (must divide seq_len)
       guidance=0.0,  # classifier-free guidance scale g with a prompt (md4, genmd4)
   ))
+  # Class-conditional MD4 on pixels (md4_pixels): labels from the data; K is the null class.
+  c.unet.num_classes_cond = 0      # K > 0: conditional on the data's K classes (10 for all sets)
+  c.diffusion.label_dropout = 0.1  # training: the share of labels replaced by the null class
+  c.sampling.class_label = -1      # mode=sample (--class_label): every sample's class (-1: none)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return c
 
@@ -210,9 +214,19 @@ def _validate_sampler(config: ml_collections.ConfigDict) -> None:
            f"{config.model_type!r}; available: {', '.join(methods)}")
   _require(s.top_k >= 0, f"sampling.top_k must be >= 0 (0: off), got {s.top_k}")
   _require(s.guidance >= 0, f"sampling.guidance must be >= 0, got {s.guidance}")
-  _require(not s.guidance or config.model_type in SAMPLING_METHODS,
-           f"sampling.guidance needs a prompt-conditional model (md4, genmd4); model_type "
+  classes = config.unet.num_classes_cond if config.model_type == "md4_pixels" else 0
+  _require(not s.guidance or config.model_type in SAMPLING_METHODS or classes,
+           f"sampling.guidance needs a prompt-conditional model (md4, genmd4) or a class-"
+           f"conditional md4_pixels (unet.num_classes_cond > 0); model_type "
            f"{config.model_type!r} has no conditional branch")
+  _require(config.unet.num_classes_cond >= 0 and (classes or not config.unet.num_classes_cond),
+           f"unet.num_classes_cond is for model_type md4_pixels (>= 0), got "
+           f"{config.unet.num_classes_cond} for {config.model_type!r}")
+  _require(0.0 <= config.diffusion.label_dropout < 1.0,
+           f"diffusion.label_dropout must be in [0, 1), got {config.diffusion.label_dropout}")
+  _require(s.class_label == -1 or 0 <= s.class_label < classes,
+           f"class_label {s.class_label}: " + (f"the model's classes are 0..{classes - 1}"
+           if classes else "the model is not class-conditional (unet.num_classes_cond = 0)"))
   _require(s.block_size == 0 or config.model_type in SAMPLING_METHODS,
            f"sampling.block_size is for md4 and genmd4, not {config.model_type!r}")
   _require(s.block_size >= 0 and (s.block_size == 0 or seq_len % s.block_size == 0),

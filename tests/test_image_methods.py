@@ -31,7 +31,7 @@ def make_method():
   config.image_shape = SHAPE
   config.unet.update(base_channels=8, channel_mults=(1,), attn_resolutions=())
   method = image.MD4Pixels(config, 256)
-  method.logits_fn = lambda params, rng, train: oracle_logits_fn
+  method.logits_fn = lambda params, rng, train, labels=None: oracle_logits_fn
   return method
 
 

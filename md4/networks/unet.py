@@ -11,6 +11,9 @@ Two kinds of input and output, so one module serves two methods:
     embedded and the C embeddings of a pixel are concatenated.
   output_kind="rate":   float32[B, H, W, C] = output_scale * softplus(.) >= 0.
   output_kind="logits": float32[B, H, W, C, num_classes].
+With `num_classes_cond` K > 0 the network is class-conditional: labels int[B] in 0..K (K is the
+null class, the unconditional branch of classifier-free guidance; the default when no labels
+are given) are embedded and added to the time embedding.
 Parameters are float32; activations use `dtype`. The module knows nothing of diffusion.
 """
 
@@ -37,7 +40,12 @@ def _group_norm(channels: int, num_groups: int, dtype: Any, name: str | None = N
 
 
 class ResBlock(nn.Module):
-  """GroupNorm-SiLU-conv twice, with the time embedding added in between, plus a skip path."""
+  """GroupNorm-SiLU-conv twice, with the time embedding added in between, plus a skip path.
+
+  The embedding's projection is added after the second GroupNorm: added before it, a per-channel
+  constant would be removed by the normalization whenever a group holds one channel (fewer than
+  2 * num_groups channels), and the block would not see t (or the class) at all.
+  """
 
   channels: int
   dropout: float
@@ -48,8 +56,9 @@ class ResBlock(nn.Module):
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
     conv = lambda name, **kw: nn.Conv(self.channels, (3, 3), dtype=self.dtype, name=name, **kw)
     h = conv("conv1")(nn.silu(_group_norm(x.shape[-1], self.num_groups, self.dtype)(x)))
+    h = _group_norm(self.channels, self.num_groups, self.dtype)(h)
     h = h + nn.Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(temb))[:, None, None]
-    h = nn.silu(_group_norm(self.channels, self.num_groups, self.dtype)(h))
+    h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv("conv2")(h)
     if x.shape[-1] != self.channels:
@@ -73,7 +82,8 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-  """(images, t: float[B]) -> per-pixel rates or logits; see the module docstring.
+  """(images, t: float[B], labels: int[B] | None) -> per-pixel rates or logits; see the module
+  docstring.
 
   Attributes:
     image_channels: C.
@@ -81,6 +91,7 @@ class UNet(nn.Module):
     num_embeddings: token ids per channel value (input_kind="tokens").
     embed_dim: embedding width per channel value (input_kind="tokens").
     num_classes: logits per channel value (output_kind="logits").
+    num_classes_cond: K > 0: class-conditional on labels 0..K-1, with the null class K.
     output_scale: the rate output is output_scale * softplus(.).
     base_channels, channel_mults: level i has base_channels * channel_mults[i] channels.
     num_res_blocks: residual blocks per encoder level (decoder levels have one more).
@@ -94,6 +105,7 @@ class UNet(nn.Module):
   num_embeddings: int = 257
   embed_dim: int = 32
   num_classes: int = 256
+  num_classes_cond: int = 0
   output_scale: float = 1.0
   base_channels: int = 64
   channel_mults: Sequence[int] = (1, 2, 2)
@@ -105,7 +117,8 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, t: Array, labels: Array | None = None,
+               train: bool = False) -> Array:
     if self.input_kind not in INPUT_KINDS or self.output_kind not in OUTPUT_KINDS:
       raise ValueError(f"input_kind in {INPUT_KINDS}, output_kind in {OUTPUT_KINDS}; got "
                        f"{self.input_kind!r}, {self.output_kind!r}")
@@ -119,6 +132,13 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, self.base_channels)
     temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_in")(temb)
     temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_out")(nn.silu(temb))
+    if self.num_classes_cond:
+      if labels is None:
+        labels = jnp.full((batch,), self.num_classes_cond, jnp.int32)
+      temb = temb + nn.Embed(self.num_classes_cond + 1, temb_dim, dtype=self.dtype,
+                             name="class_embed")(labels)
+    elif labels is not None:
+      raise ValueError("labels given to a UNet without num_classes_cond")
 
     block = lambda ch: ResBlock(ch, self.dropout, self.num_groups, self.dtype)
     attn = lambda: AttnBlock(self.num_heads, self.num_groups, self.dtype)

@@ -23,7 +23,7 @@ from md4.data.pipeline import create_datasets
 from md4.evaluation import evaluate
 from md4.training import checkpoints, sharding
 from md4.training.optimizer import make_optimizer
-from md4.training.step import init_state, train_step
+from md4.training.step import batch_data, init_state, train_step
 
 TOKENIZER_FILE = "tokenizer.json"  # a run's learned tokenizer (data.tokenizer=bpe), in its workdir
 NOISE_FILE = "noise.npy"  # GGM's unigram noise law (ggm.noise=unigram), in its workdir
@@ -106,12 +106,16 @@ class Run:
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     self.is_image = config.data.dataset in images.IMAGE_DATASETS
     self.data_key = "images" if self.is_image else "tokens"
+    # What the method's loss takes: batch[data_key], or for a class-conditional image model the
+    # whole batch {"images", "labels"} (None).
+    labels = self.is_image and config.model_type == "md4_pixels" and config.unet.num_classes_cond
+    self.method_key = None if labels else self.data_key
     common = dict(batch_size=config.training.batch_size, seed=config.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   eval_batch_size=config.eval.batch_size)
     self.data = None
     if with_data and self.is_image:
-      self.data = images.create_image_datasets(config.data, **common)
+      self.data = images.create_image_datasets(config.data, labels=bool(labels), **common)
     elif with_data:
       # A learned (bpe) tokenizer is kept with the run, so that eval and sample modes (and
       # zero-shot evaluation on other data) encode text as training did.
@@ -142,7 +146,7 @@ class Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
     step_fn = functools.partial(train_step, method=self.method, tx=self.tx, lr=self.lr,
-                                config=config, rng=self.train_rng, data_key=self.data_key,
+                                config=config, rng=self.train_rng, data_key=self.method_key,
                                 mesh=self.mesh)
     self.train_step = jax.jit(step_fn, donate_argnums=0,
                               out_shardings=(self.state_sharding, None))
@@ -150,7 +154,7 @@ class Run:
     # examples also report their length in characters (for bits per character).
     lengths = getattr(getattr(self.data, "tokenizer", None), "token_lengths", None)
     def eval_step(params, batch, rng):
-      out = self.method.evaluate(params, batch[self.data_key], rng)
+      out = self.method.evaluate(params, batch_data(batch, self.method_key), rng)
       if lengths is not None:
         out[evaluate.CHARS] = jnp.asarray(lengths)[batch[self.data_key]].sum(-1)
       return out

@@ -22,6 +22,11 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   return decay
 
 
+def batch_data(batch: dict, data_key: str | None):
+  """What the method's loss takes: batch[data_key], or the whole batch when data_key is None."""
+  return batch if data_key is None else batch[data_key]
+
+
 def accumulated_grads(params, tokens: jax.Array, rng: jax.Array, *, method,
                       accum: int) -> tuple[dict, dict]:
   """Mean gradients and metrics of `method.loss` over `accum` micro-batches of `tokens`.
@@ -40,11 +45,14 @@ def accumulated_grads(params, tokens: jax.Array, rng: jax.Array, *, method,
 
   def micro(carry, xs):
     micro_tokens, micro_rng = xs
-    (_, metrics), grads = grad_fn(params, partitioning.constrain_batch(micro_tokens), micro_rng)
+    micro_tokens = jax.tree.map(partitioning.constrain_batch, micro_tokens)
+    (_, metrics), grads = grad_fn(params, micro_tokens, micro_rng)
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-  micro_batches = tokens.reshape(-1, accum, *tokens.shape[1:]).swapaxes(0, 1)  # [A, B / A, ...]
-  (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, micro_batches[0], rng)
+  micro_batches = jax.tree.map(  # [A, B / A, ...]
+      lambda a: a.reshape(-1, accum, *a.shape[1:]).swapaxes(0, 1), tokens)
+  (_, metric_shapes), grad_shapes = jax.eval_shape(
+      grad_fn, params, jax.tree.map(lambda a: a[0], micro_batches), rng)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
   # Unrolled on CPU, for the convolution layouts above; a loop elsewhere, to bound memory.
   unroll = jax.default_backend() == "cpu"
@@ -59,7 +67,7 @@ def mesh_context(mesh: Mesh | None):
 
 
 def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collections.ConfigDict,
-               rng: jax.Array, data_key: str = "tokens", mesh: Mesh | None = None
+               rng: jax.Array, data_key: str | None = "tokens", mesh: Mesh | None = None
                ) -> tuple[dict, dict]:
   """One optimizer step (with optional gradient accumulation); skips non-finite updates.
 
@@ -68,7 +76,7 @@ def train_step(state: dict, batch: dict, *, method, tx, lr, config: ml_collectio
   """
   step = state["step"]
   rng = jax.random.fold_in(rng, step)
-  tokens = batch[data_key]  # int[B, L] token ids, or int[B, H, W, C] image counts
+  tokens = batch_data(batch, data_key)  # int[B, L] token ids, int[B, H, W, C] image counts, ...
   with mesh_context(mesh):
     grads, metrics = accumulated_grads(state["params"], tokens, rng, method=method,
                                        accum=config.training.grad_accum)
