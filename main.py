@@ -114,6 +114,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode == "train":
       train.train(FLAGS.config, FLAGS.workdir)
       return
+    if FLAGS.mode == "sample" and FLAGS.class_label is None:  # before the workdir is read
+      inference.conditioning(FLAGS.config, prompt=FLAGS.prompt, infill_text=FLAGS.infill,
+                             infill_region=FLAGS.infill_region)
     config = run.inference_config(FLAGS.workdir, FLAGS["config"].override_values)
     if FLAGS.class_label is not None:
       classes = config.unet.num_classes_cond if config.model_type == "md4_pixels" else 0
