@@ -276,7 +276,7 @@ def test_conditioning_flags_need_sample_mode(tmp_path):
                    "--infill=to __")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      "error: --prompt, --infill and --infill_region are for --mode=sample")
+      "error: --prompt, --infill, --infill_region and --class_label are for --mode=sample")
 
 
 @pytest.mark.slow  # UNet compilation
