@@ -33,14 +33,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir: str, corpus: str, log: str, **env_extra) -> subprocess.Popen:
+def start(workdir: str, args: list[str], log: str, **env_extra) -> subprocess.Popen:
+  """`main.py --workdir=WORKDIR *args` on the CPU, its output in `log`; env_extra are set."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_extra}
   for v in ("MD4_DEBUG", "XLA_FLAGS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
     env.pop(v, None)
   with open(log, "w") as out:
-    return subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *ARGS,
-                             f"--config.data.path={corpus}"], cwd=ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *args],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_all(procs: list[subprocess.Popen], logs: list[str]) -> None:
@@ -81,8 +81,9 @@ def test_two_processes_match_one(tmp_path, corpus):
   logs = [str(tmp_path / name) for name in ("single.log", "p0.log", "p1.log")]
 
   address = f"127.0.0.1:{free_port()}"
-  procs = [start(single, str(corpus), logs[0])] + [
-      start(multi, str(corpus), logs[1 + i], JAX_COORDINATOR_ADDRESS=address,
+  args = [*ARGS, f"--config.data.path={corpus}"]
+  procs = [start(single, args, logs[0])] + [
+      start(multi, args, logs[1 + i], JAX_COORDINATOR_ADDRESS=address,
             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
   wait_all(procs, logs)
   assert "process 1 of 2, 1 local / 2 global devices" in open(logs[2]).read()

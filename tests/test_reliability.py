@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -18,8 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from md4.training.lock import WorkdirLock
-from tests.test_multiprocess import free_port, wait_all
-from tests.test_train import ROOT, TINY, final_params, main_py, read_jsonl
+from tests.test_multiprocess import free_port, start, wait_all
+from tests.test_train import TINY, final_params, main_py, read_jsonl
 
 RUN = ["--config.training.num_steps=4", "--config.training.log_every=2",
        "--config.training.eval_every=2", "--config.training.checkpoint_every=2",
@@ -233,19 +232,11 @@ def test_tokens_per_s_counts_training_steps_only(trained):
 
 
 def start_two(workdir, args, logs) -> list[subprocess.Popen]:
-  """Two main.py processes of one run on 127.0.0.1 (as tests/test_multiprocess.py does)."""
+  """Two main.py processes of one run on 127.0.0.1 (jax.distributed over gloo)."""
   address = f"127.0.0.1:{free_port()}"
-  procs = []
-  for i, log in enumerate(logs):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": address,
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
-    for v in ("MD4_DEBUG", "XLA_FLAGS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
-      env.pop(v, None)
-    with open(log, "w") as out:
-      procs.append(subprocess.Popen([sys.executable, "main.py", "--config=configs/demo.py",
-                                     f"--workdir={workdir}", *args], cwd=ROOT, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT))
-  return procs
+  return [start(workdir, ["--config=configs/demo.py", *args], log,
+                JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+          for i, log in enumerate(logs)]
 
 
 def state_on_one_device(workdir, step):
