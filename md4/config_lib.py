@@ -54,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
       mlp="swiglu",  # swiglu | relu2 (squared ReLU, hidden mlp_ratio * width)
       norm="layernorm",  # layernorm | rmsnorm
       time_conditioning=True, remat=False,
+      # > 0: beside attention, each block adds a depthwise convolution of this kernel size
+      # along the sequence (zero-initialised; causal for AR), which reads the neighbours.
+      local_mix=0,
   ))
   # The accelerator path (docs/scaling.md): attention backend and vocabulary padding.
   c.model.attention = "auto"  # auto | xla | cudnn | splash | cpu (md4/networks/attention.py)

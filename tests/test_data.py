@@ -9,6 +9,7 @@ import zipfile
 import ml_collections
 import numpy as np
 import pytest
+import tqdm
 
 from md4.data import corpora, owt, pipeline, prepare, tokenizers
 
@@ -182,6 +183,24 @@ def test_load_text8_split(tmp_path):
     "train": (90_000_000, {"a"}), "valid": (5_000_000, {"b"}), "test": (5_000_000, {"c"})}
   with pytest.raises(FileNotFoundError, match="text8 not found"):
     corpora.load_text8(tmp_path / "nope.zip")
+
+
+def test_text8_download_shows_progress_and_writes_the_zip(tmp_path, monkeypatch, capsys):
+  """The real download code, from a local URL (no internet here): the bar reaches the size."""
+  source = tmp_path / "served.zip"
+  with zipfile.ZipFile(source, "w", zipfile.ZIP_STORED) as zf:
+    zf.writestr("text8", "a" * 300_000)
+  monkeypatch.setattr(corpora, "TEXT8_URL", source.as_uri())
+  class Shown(tqdm.tqdm):  # stderr is not a terminal here, where disable=None hides the bar
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **{**kwargs, "disable": False, "mininterval": 0})
+
+  monkeypatch.setattr(tqdm, "tqdm", Shown)
+  out = corpora.download_text8(tmp_path / "data")
+  assert out == tmp_path / "data" / "text8.zip" and out.read_bytes() == source.read_bytes()
+  assert not out.with_suffix(".zip.part").exists()
+  bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+  assert bar.startswith("text8.zip: 100%") and "300k/300k" in bar, bar
 
 
 def test_read_text_files(tmp_path):

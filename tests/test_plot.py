@@ -103,3 +103,20 @@ def test_cli_writes_the_png(tmp_path, capsys):
   assert plot.main([str(tmp_path), "--out", out]) == 0
   assert capsys.readouterr().out.strip() == out
   assert png_size(out) == (1200, 800)
+
+
+def test_time_axis_sums_the_seconds_per_step(tmp_path):
+  writer = MetricWriter(str(tmp_path))
+  for step, step_s in ((10, 6.0), (20, 3.0), (40, 1.5)):  # 1, 0.5 and 0.5 minutes of steps
+    writer.write(step, "train", {"bits_per_token": 1.0, "step_s": step_s})
+  writer.write(30, "eval", {"bits_per_token": 0.5, "weights": "ema"})
+  writer.close()
+  fig = plot.plot_metrics([str(tmp_path)], str(tmp_path / "t.png"), metrics=["bits_per_token"],
+                          x="time")
+  lines = {line.get_label(): line for line in fig.get_axes()[0].get_lines()}
+  np.testing.assert_allclose(lines["train"].get_xdata(), [1.0, 1.5, 2.0])
+  np.testing.assert_allclose(lines["eval/ema"].get_xdata(), [1.75])  # halfway from 20 to 40
+  assert fig.get_axes()[0].get_xlabel() == "training minutes"
+  write_run(tmp_path / "old")  # no step_s
+  with pytest.raises(ValueError, match="step_s"):
+    plot.plot_metrics([str(tmp_path / "old")], str(tmp_path / "o.png"), x="time")

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
-from md4.networks.transformer import Transformer, count_params
+from md4.networks.transformer import Transformer, count_params, local_mix
 
 V, B, L = 5, 3, 8
 CONFIG = dict(vocab_size=V, num_embeddings=V + 1, width=32, depth=2, num_heads=4)
@@ -197,6 +197,35 @@ def test_attention_direction(base, causal):
     assert diff[:, : L - 1].max() < 1e-5
   else:  # every earlier position of every example sees the change
     assert diff[:, : L - 1].min() > 1e-3, diff
+
+
+@pytest.mark.parametrize("size, causal", [(1, False), (3, False), (4, False), (3, True)])
+def test_local_mix_is_the_depthwise_convolution_it_says(size, causal):
+  h = np.random.default_rng(0).normal(size=(2, 7, 5))
+  kernel = np.random.default_rng(1).normal(size=(size, 5))
+  centre = size - 1 if causal else (size - 1) // 2
+  want = np.zeros_like(h)
+  for i in range(7):  # out[i] = sum_k kernel[k] h[i + k - centre], zero outside
+    for k in range(size):
+      if 0 <= i + k - centre < 7:
+        want[:, i] += kernel[k] * h[:, i + k - centre]
+  np.testing.assert_allclose(local_mix(jnp.asarray(h), jnp.asarray(kernel), causal), want,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_local_branch_starts_at_zero_and_keeps_causality():
+  model = Transformer(**CONFIG, causal=True, local_mix=3)
+  params = model.init(jax.random.key(0), TOKENS, T)["params"]
+  assert all(not params[f"block_{i}"]["local_mix"].any() for i in range(2))
+  without = Transformer(**CONFIG, causal=True).apply(
+      {"params": {k: {n: w for n, w in v.items() if n != "local_mix"} if k.startswith("block")
+                  else v for k, v in params.items()}}, TOKENS, T)
+  np.testing.assert_allclose(model.apply({"params": params}, TOKENS, T), without, atol=1e-6)
+  params = init(model, seed=3)  # a non-zero local branch: still no position sees a later one
+  changed = TOKENS.at[:, L - 1].set((TOKENS[:, L - 1] + 1) % (V + 1))
+  diff = jnp.abs(model.apply({"params": params}, changed, T) -
+                 model.apply({"params": params}, TOKENS, T)).max(axis=-1)
+  assert diff[:, L - 1].min() > 1e-3 and diff[:, :L - 1].max() < 1e-5
 
 
 def test_bfloat16_keeps_float32_params_and_close_outputs(base):

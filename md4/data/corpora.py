@@ -9,6 +9,8 @@ import re
 import urllib.request
 import zipfile
 
+import tqdm
+
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_SPLITS = {"train": (0, 90_000_000), "valid": (90_000_000, 95_000_000),
                 "test": (95_000_000, 100_000_000)}
@@ -66,7 +68,14 @@ def download_text8(dest: str | os.PathLike) -> pathlib.Path:
   out = dest / "text8.zip"
   if not out.is_file():
     tmp = out.with_suffix(".zip.part")
-    urllib.request.urlretrieve(TEXT8_URL, tmp)
+    with tqdm.tqdm(desc="text8.zip", unit="B", unit_scale=True, disable=None) as bar:
+
+      def progress(blocks: int, block_size: int, total: int) -> None:
+        if total > 0:
+          bar.total = total
+        bar.update(min(blocks * block_size, total if total > 0 else blocks * block_size) - bar.n)
+
+      urllib.request.urlretrieve(TEXT8_URL, tmp, reporthook=progress)
     tmp.rename(out)
   return out
 

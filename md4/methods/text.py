@@ -60,7 +60,8 @@ def build_transformer(config: ml_collections.ConfigDict, vocab_size: int, *,
                      dropout=m.dropout, dtype=DTYPES[m.dtype],
                      matmul_dtype=DTYPES[matmul_dtype] if matmul_dtype else None,
                      time_conditioning=m.time_conditioning, causal=causal, remat=m.remat,
-                     mlp=m.mlp, norm=m.norm, attention=m.attention)
+                     mlp=m.mlp, norm=m.norm, attention=m.attention,
+                     local_mix=m.local_mix)
 
 
 def network_fn(model: Transformer, params: Any, rng: Array | None, train: bool,

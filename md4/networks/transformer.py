@@ -92,6 +92,17 @@ def _mlp_hidden(mlp: str, width: int, mlp_ratio: float) -> int:
   return 32 * math.ceil(2 / 3 * mlp_ratio * width / 32)
 
 
+def local_mix(h: Array, kernel: Array, causal: bool) -> Array:
+  """Depthwise convolution along the sequence: out[b, i] = sum_k kernel[k] * h[b, i + k - c]
+  (zero outside the sequence), with c = K - 1 when causal (offsets -(K-1)..0), else (K - 1) // 2.
+  h[B, L, D], kernel[K, D]."""
+  size, seq_len = kernel.shape[0], h.shape[1]
+  left = size - 1 if causal else (size - 1) // 2
+  padded = jnp.pad(h, ((0, 0), (left, size - 1 - left), (0, 0)))
+  kernel = kernel.astype(h.dtype)
+  return sum(padded[:, k:k + seq_len] * kernel[k] for k in range(size))
+
+
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
   """x[B, L, D] * (1 + scale[B, D]) + shift[B, D]."""
   return x * (1 + scale[:, None]) + shift[:, None]
@@ -111,6 +122,7 @@ class Block(nn.Module):
   mlp: str
   norm: str
   attention: str
+  local_mix: int
 
   @nn.compact
   def __call__(self, x: Array, cond: Array | None, cos: Array, sin: Array,
@@ -134,8 +146,12 @@ class Block(nn.Module):
     qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    h = attention(q, k, v, self.causal, self.attention)
-    h = dense(width, "attn_out")(h.reshape(batch, seq_len, width))
+    mixed = attention(q, k, v, self.causal, self.attention).reshape(batch, seq_len, width)
+    if self.local_mix:  # a local branch beside attention, sharing its output projection
+      kernel = self.param("local_mix", nn.initializers.zeros, (self.local_mix, width),
+                          jnp.float32)
+      mixed = mixed + local_mix(h, kernel, self.causal)
+    h = dense(width, "attn_out")(mixed)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     x = x + (gate1[:, None] * h if self.time_conditioning else h)
 
@@ -201,6 +217,7 @@ class Transformer(nn.Module):
   norm: str = "layernorm"  # layernorm | rmsnorm
   attention: str = "auto"  # auto | xla | cudnn | splash | cpu (md4/networks/attention.py)
   padded_vocab: int | None = None  # head columns (>= vocab_size); None: vocab_size
+  local_mix: int = 0  # > 0: each block's local branch of this kernel size (`local_mix`)
 
   @nn.compact
   def __call__(self, tokens: Array, t: Array | None = None, *, head_index: Array | None = None,
@@ -229,7 +246,7 @@ class Transformer(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.width, self.num_heads, mlp_hidden, self.dropout, self.causal,
                     self.time_conditioning, self.dtype, self.matmul_dtype, self.mlp, self.norm,
-                    self.attention, name=f"block_{i}")(x, cond, cos, sin, train)
+                    self.attention, self.local_mix, name=f"block_{i}")(x, cond, cos, sin, train)
       x = partitioning.constrain_batch(x)
 
     # Final norm (per position, so before any gather) and the head.

@@ -1,9 +1,12 @@
 """Training curves from one or more workdirs' metrics.jsonl, as a PNG.
 
   python -m md4.tools.plot runs/demo [runs/other ...] --out curves.png [--metric bits_per_token ...]
+      [--x time]
 
 One panel per metric; train and eval curves of every workdir overlaid (eval curves are split by
-the weights they used, e.g. "eval/ema"). Workdirs may be bucket paths (gs://...).
+the weights they used, e.g. "eval/ema"). The x axis is the step, or with `--x time` the training
+time: the train lines' seconds per step (`step_s`) summed up to each point, so compilation,
+evaluation and checkpoints do not count. Workdirs may be bucket paths (gs://...).
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ def read_metrics(workdir: str) -> Series:
                   for name, p in metrics.items()} for curve, metrics in points.items()}
 
 
+def training_minutes(series: Series, steps: np.ndarray) -> np.ndarray:
+  """Training time in minutes at `steps`: the train lines' step_s times their window's steps,
+  summed up to each train line, and linear between them (0 at step 0)."""
+  if "step_s" not in series.get("train", {}):
+    raise ValueError("--x time needs train lines with step_s (written by this release's train.py)")
+  logged, step_s = series["train"]["step_s"]
+  windows = np.diff(logged, prepend=0)
+  return np.interp(steps, np.concatenate([[0], logged]),
+                   np.concatenate([[0.0], np.cumsum(windows * step_s) / 60]))
+
+
 def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[str]:
   """The requested metrics (all must exist), or the defaults that exist (loss if no bits)."""
   present = {name for series in runs for curve in series.values() for name in curve}
@@ -66,12 +80,14 @@ def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[st
 
 
 def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | None = None,
-                 labels: Sequence[str] | None = None) -> Figure:
+                 labels: Sequence[str] | None = None, x: str = "step") -> Figure:
   """Writes a PNG of the curves of `workdirs` (one panel per metric) to `out`; returns the figure.
 
   Default metrics: bits_per_char (text), else bits_per_token, else loss; lr, grad_norm,
-  tokens_per_s; as available.
+  tokens_per_s; as available. x: "step", or "time" (training minutes, `training_minutes`).
   """
+  if x not in ("step", "time"):
+    raise ValueError(f"--x must be step or time, got {x!r}")
   if not workdirs:
     raise ValueError("no workdir given")
   labels = list(labels) if labels else [str(w).rstrip("/") for w in workdirs]
@@ -93,11 +109,13 @@ def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | 
         if name not in by_metric:
           continue
         steps, values = by_metric[name]
+        if x == "time":
+          steps = training_minutes(series, steps)
         ax.plot(steps, values, LINESTYLES.get(curve, "-."), color=color,
                 marker="o" if len(steps) < 20 else None, markersize=3,
                 label=f"{label} {curve}" if len(runs) > 1 else curve)
     ax.set_title(name)
-    ax.set_xlabel("step")
+    ax.set_xlabel("step" if x == "step" else "training minutes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -115,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="metric to plot (repeatable); default: " + ", ".join(DEFAULT_METRICS))
   parser.add_argument("--label", action="append", dest="labels",
                       help="legend name of each workdir, in order (default: the path)")
+  parser.add_argument("--x", default="step", choices=("step", "time"),
+                      help="x axis: step, or training minutes (default: step)")
   args = parser.parse_args(argv)
   try:
-    plot_metrics(args.workdirs, args.out, metrics=args.metrics, labels=args.labels)
+    plot_metrics(args.workdirs, args.out, metrics=args.metrics, labels=args.labels, x=args.x)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

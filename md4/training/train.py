@@ -96,6 +96,7 @@ def _train(run: Run, changes: dict) -> dict:
         logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         logged["skipped_steps"] = sum(skipped)
         logged["tokens_per_s"] = tokens_per_step * len(window) / train_time
+        logged["step_s"] = train_time / len(window)  # plot.py integrates it to training time
         train_time = 0.0
         if run.method.likelihood_metrics and getattr(run.method, "loss_is_likelihood", True):
           logged.update(evaluate.likelihood_report(logged["loss"]))
