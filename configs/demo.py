@@ -19,6 +19,10 @@ def get_config():
   # auto: on CPUs with AMX the dense layers' products take bfloat16 operands (float32
   # accumulation), 1.4x faster steps there; elsewhere float32. Resolved and logged at start.
   c.model.update(width=128, depth=4, num_heads=4, time_conditioning=False, matmul_dtype="auto")
+  # A local branch beside attention (a zero-initialised depthwise convolution of 3 tokens) hands
+  # every masked position its neighbours from the first step: MD4 leaves its unigram plateau
+  # after ~250 steps instead of ~800 (docs/demo.md#the-early-plateau-and-the-local-branch).
+  c.model.local_mix = 3
   # No time input, so the training NELBO can count masks instead of drawing t (lower variance).
   c.diffusion.train_estimator = "count"
   # Muon on the blocks' matrices (lr 0.007), AdamW at 6e-3 on embeddings, head and norms;

@@ -37,11 +37,13 @@ def check_backend(backend, shape, causal, rtol=1e-5, atol=1e-5):
 
 @pytest.mark.parametrize("backend", ["cpu", "xla"])
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_cpu_and_xla_kernels_match_reference(backend, causal):
   check_backend(backend, (3, 16, 4, 8), causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_splash_kernel_in_interpret_mode_matches_reference_at_128(causal):
   # The Pallas TPU kernel itself, run by the Pallas interpreter on CPU: blocks of 128.
   check_backend("splash", (1, 128, 2, 64), causal)

@@ -3,6 +3,7 @@
 import argparse
 
 import jax
+import pytest
 
 from md4 import methods
 from md4.tools import bench
@@ -28,6 +29,7 @@ def test_model_flops_closed_form():
   assert bench.model_flops_per_token(timed_params, timed) == expected
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_model_flops_match_xla_count():
   args = bench_args(layers=2, width=128, seq_len=128, batch=8)
   config = bench.bench_config(args)

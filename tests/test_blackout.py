@@ -151,6 +151,7 @@ def oracle_samples(sampler: str, T: int = 1000, shape=(40, 1000)) -> np.ndarray:
 
 # 40,000 samples over 6 values: a perfect sampler has E[TV] = 0.0043 (Monte Carlo noise alone).
 @pytest.mark.parametrize("sampler", ["tau_leaping", "bridge_stochastic"])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_oracle_samplers_converge(sampler):
   draws = oracle_samples(sampler)
   assert draws.min() >= 0 and draws.max() <= N
@@ -159,6 +160,7 @@ def test_oracle_samplers_converge(sampler):
   assert tv < 0.012, tv
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_rounding_bridge_is_biased():
   tv_round = total_variation(oracle_samples("bridge"), PI)
   tv_stochastic = total_variation(oracle_samples("bridge_stochastic"), PI)

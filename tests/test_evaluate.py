@@ -100,6 +100,7 @@ def tiny_ar(seed=0):
   return method, perturbed_params(method, seed=seed)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_generative_perplexity_of_own_samples_matches_held_out_perplexity():
   method, params = tiny_ar()
   draw = jax.jit(method.sample, static_argnums=2)
@@ -168,6 +169,7 @@ def records(workdir, split):
     return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_samples_report_generative_perplexity_under_the_reference(runs):
   ar_dir, md4_dir, config = runs
   sample = records(md4_dir, "sample")[-1]
@@ -236,6 +238,7 @@ def main_py(*args):
                         text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_infill_from_the_command_line_keeps_known_text(runs):
   ar_dir, md4_dir, config = runs
   template = "the ____ of ___ is"
@@ -262,6 +265,7 @@ def test_infill_from_the_command_line_keeps_known_text(runs):
     ("md4_pixels_demo", ["--infill=ab_"], "--infill is for text models"),
     ("blackout_demo", ["--infill_region=center"], "Blackout sampling has no conditioning"),
 ])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_bad_conditioning_is_one_clear_line(tmp_path, config, args, message):
   result = main_py(f"--config=configs/{config}.py", f"--workdir={tmp_path}", "--mode=sample",
                    *args)
@@ -271,6 +275,7 @@ def test_bad_conditioning_is_one_clear_line(tmp_path, config, args, message):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_conditioning_flags_need_sample_mode(tmp_path):
   result = main_py("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=eval",
                    "--infill=to __")

@@ -49,6 +49,7 @@ def test_init_and_alpha():
 
 
 @pytest.mark.parametrize("name", ["table", "oracle"])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_unit_exponents_match_md4_linear(name):
   # w = 1 is MD4's linear schedule; the two differ only by O(eps) clamping (MD4's alpha(0) =
   # 1 - eps: its reconstruction term, L eps log V), 3e-4 nats here.
@@ -104,6 +105,7 @@ def test_oracle_nelbo_is_tight_for_exponents_from_0_3_to_3(seed, w):
   np.testing.assert_allclose(float(exact), target, atol=L * EPS * np.log(V), rtol=1e-5)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_rloo_gradient_is_unbiased():
   w_raw = jnp.array([1.5, 0.2, 0.8])  # w = softplus(w_raw) = [1.70, 0.80, 1.17]
   x = np.array([2, 0, 1])

@@ -71,6 +71,7 @@ def test_closed_form_marginal_equals_chain(name, sweeps):
   assert tv(final, np.full(final.shape, V ** -L)) < 2 * float(process.survival(sweeps))
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_noise_to_matches_simulated_chain():
   """Monte Carlo: closed-form X_t and a step-by-step simulation both match the exact law."""
   n = 20000
@@ -177,6 +178,7 @@ def test_infilling(renoise):
   assert biases[0] > biases[1] > tv(law, target)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_infilling_per_row_mask_keeps_known_tokens():
   known = jnp.asarray(np.random.default_rng(0).integers(0, V, (64, L)), jnp.int32)
   known_mask = jnp.asarray(np.random.default_rng(1).random((64, L)) < 0.5)
@@ -225,6 +227,7 @@ def mean_se(values):
 RANDOM_TABLE = np.random.default_rng(2).normal(0.0, 2.0, CLASSIFIER.shape).astype(np.float32)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_soft_and_hard_losses_have_the_same_expectation():
   exact = go.expected_losses(P, PROCESS, RANDOM_TABLE)["soft"]
   soft, hard = loss_stats(RANDOM_TABLE, "soft"), loss_stats(RANDOM_TABLE, "hard")
@@ -237,6 +240,7 @@ def test_soft_and_hard_losses_have_the_same_expectation():
   assert soft.std() < hard.std()
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_oracle_minimises_soft_loss():
   """Exact expected soft loss: the oracle beats every perturbation (small and large)."""
   best = go.expected_losses(P, PROCESS, CLASSIFIER)["soft"]
@@ -261,6 +265,7 @@ def test_ce_loss_at_oracle_is_conditional_entropy():
   assert abs(mean - entropy) < 4 * se, (mean, se, entropy)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_loss_shapes_and_query_row():
   x = draw_data(5, 32)
 
@@ -361,6 +366,7 @@ def test_sampler_with_unigram_noise_reproduces_p():
   assert distance < 0.05 and distance < 1.5 * expected, (distance, expected)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_unigram_losses():
   """Exact expected soft loss: the oracle is its minimiser; the Monte Carlo soft, hard and ce
   losses agree with the enumeration; the ce minimiser is log q - log u."""
@@ -432,6 +438,7 @@ def test_nelbo_with_oracle_equals_minus_log_p(sweeps, noise):
 
 
 @pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_nelbo_with_inexact_classifier_is_above_minus_log_p(noise):
   process, table, _, _ = nelbo_case(2, noise)
   perturbed = table + np.random.default_rng(5).normal(0.0, 0.5, table.shape).astype(np.float32)
@@ -443,6 +450,7 @@ def test_nelbo_with_inexact_classifier_is_above_minus_log_p(noise):
   assert excess > 10 * se and excess > 0.05, (excess, se)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_nelbo_shapes_full_rows_and_stratification():
   process, table, _, _ = nelbo_case(4, "unigram")
   x = draw_data(8, 48)
@@ -464,6 +472,7 @@ def test_nelbo_shapes_full_rows_and_stratification():
 
 
 @pytest.mark.parametrize("noise", ["uniform", "unigram"])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_nelbo_of_zero_logits_at_demo_size_is_minus_log_u(noise):
   """Zero logits make q_t = u: R_t is then the exact reversal of the stationary chain started at
   u^L, so the NELBO's mean is exactly -sum_j log u(x_j), here at V = 512, L = 48, K = 2."""

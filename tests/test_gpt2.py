@@ -95,6 +95,7 @@ def numpy_nats(w: dict, ids: list, window: int) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("prefix", ["", "transformer."])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_logits_match_a_numpy_forward_pass(tmp_path, prefix):
   w = write_checkpoint(str(tmp_path), vocab=97, layers=2, heads=2, prefix=prefix)
   model, params = gpt2.load_gpt2(str(tmp_path))

@@ -107,6 +107,7 @@ def tiny_config(model_type):
 
 @pytest.mark.parametrize("model_type, renoise", [("md4", False), ("genmd4", False),
                                                  ("ggm", False), ("ggm", True)])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_text_infill_never_changes_known_tokens(model_type, renoise):
   config = tiny_config(model_type)
   config.ggm.renoise_known = renoise

@@ -92,6 +92,7 @@ def expected_nelbo(num_steps, repeats=200, copies=8):
   return means.mean(), means.std(ddof=1) / np.sqrt(repeats)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_discrete_nelbo_is_a_looser_bound():
   # Pointwise, the discrete-time NELBO bounds the likelihood of the discrete-time model (whose
   # steps reveal tokens independently), not -log p(x); averaged over x ~ p it bounds the entropy.
@@ -105,6 +106,7 @@ def test_discrete_nelbo_is_a_looser_bound():
   assert abs(fine - entropy) < abs(coarse - entropy)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_head_capacity_is_exact_with_and_without_fallback():
   schedule = get_schedule("linear")
   x = jnp.asarray(oracle.all_sequences(V, L))  # 27 rows
@@ -150,6 +152,7 @@ def test_few_steps_are_biased_many_steps_are_not():
 
 
 @pytest.mark.parametrize("num_steps", [3, 64])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_cache_gives_same_samples_with_fewer_calls(num_steps):
   # A time-dependent network: the event-driven sampler calls it at each row's own time, so it
   # is exact for time-conditioned networks too.
@@ -260,6 +263,7 @@ def test_discrete_nelbo_equals_its_enumerated_value(num_steps, x):
 
 
 @pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_every_network_call_gets_the_time_of_its_step(cache):
   """A recording network: each call's time must be the grid time t_i of the step at which the
   positions it reveals are revealed (step i = the uncached path's i-th call)."""
@@ -293,3 +297,19 @@ def test_every_network_call_gets_the_time_of_its_step(cache):
       for b, n in zip(*np.nonzero(revealed), strict=True):
         assert abs(t[b] - grid[reveal_step[b, n]]) < 1e-7, (c, b, n, t[b])
     assert np.all(states[-1] != V)
+
+
+def test_left_to_right_nll_is_the_chain_rule_and_a_normalised_law():
+  seqs = oracle.all_sequences(V, L)
+  nll = masked.left_to_right_nll(LOGITS_FN, jnp.asarray(seqs), vocab_size=V)
+  np.testing.assert_allclose(nll, -np.log(P.reshape(-1)), rtol=1e-5)  # the oracle: q = p
+  # Any network's left-to-right law sums to one over all V^L sequences, and differs from p.
+  table = jax.random.normal(jax.random.key(3), ((V + 1) ** L, L, V))
+
+  def noisy(z, t, head_index=None):
+    logits = table[oracle.state_index(z, V + 1)]  # depends on the masked input, as a network
+    return jnp.take_along_axis(logits, head_index[..., None], axis=1)
+
+  q = np.exp(-np.asarray(masked.left_to_right_nll(noisy, jnp.asarray(seqs), vocab_size=V)))
+  np.testing.assert_allclose(q.sum(), 1.0, rtol=1e-5)
+  assert 0.5 * np.abs(q - P.reshape(-1)).sum() > 0.1

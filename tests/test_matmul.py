@@ -76,6 +76,7 @@ def test_bfloat16_operands_accumulate_in_float32(x_shape, n):
   assert 1e-4 < np.abs(out - exact).max() / np.abs(exact).max() < 1e-2
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_transformer_with_bfloat16_operands_matches_float32():
   """model.matmul_dtype=bfloat16 changes only the dense products' rounding: the same params
   give logits and gradients within bfloat16 error of float32, and stay float32 throughout."""

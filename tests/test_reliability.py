@@ -81,6 +81,7 @@ def workdir(trained, tmp_path):
   return copy
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_unreadable_checkpoint_is_moved_aside_and_training_goes_on(workdir, corpus):
   before = snapshot(workdir)
   assert "checkpoints/4/data/process_0-of-1.json" in before  # grain's per-process data state
@@ -118,6 +119,7 @@ def test_unreadable_checkpoint_is_moved_aside_and_training_goes_on(workdir, corp
   assert after["config.json"] == before["config.json"]
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_nonfinite_updates_are_skipped_then_the_run_stops(workdir, corpus):
   before = snapshot(workdir)
   old_metrics = open(os.path.join(workdir, "metrics.jsonl")).read()
@@ -149,6 +151,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(workdir, corpus):
   assert skipped and skipped[-1]["loss"] is None and "loss" in skipped[-1]["nonfinite"]
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_busy_workdir_is_refused_at_once(workdir, corpus):
   before = snapshot(workdir)
   held = WorkdirLock(workdir)
@@ -161,6 +164,7 @@ def test_busy_workdir_is_refused_at_once(workdir, corpus):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_resume_that_changes_the_model_or_data_is_refused(workdir, corpus):
   before = snapshot(workdir)
   result = main_py(workdir, *run_args(corpus, "--config.model.width=64", "--config.seq_len=16",
@@ -170,6 +174,7 @@ def test_resume_that_changes_the_model_or_data_is_refused(workdir, corpus):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_eval_and_sample_read_the_saved_config(workdir):
   # No model overrides: the demo config says width 128, the run's config.json says 32.
   evaluated = main_py(workdir, "--mode=eval", "--config.eval.num_batches=1")
@@ -182,6 +187,7 @@ def test_eval_and_sample_read_the_saved_config(workdir):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_prompt_longer_than_the_context_is_refused(workdir):
   before = snapshot(workdir)
   result = main_py(workdir, "--mode=sample", "--prompt=" + "to be or not " * 3)
@@ -190,6 +196,7 @@ def test_prompt_longer_than_the_context_is_refused(workdir):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval", "sample"])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_workdir_that_is_a_file_is_refused(tmp_path, corpus, mode):
   path = tmp_path / "file"
   path.write_text("not a workdir")
@@ -202,6 +209,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path, corpus, mode):
     ("binary", "does not look like text"),
     ("held_out", "lower eval.batch_size or seq_len"),
 ])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_bad_training_input_writes_nothing(tmp_path, corpus, setup, message):
   extra = ["--config.eval.batch_size=4096"]
   if setup == "binary":
@@ -213,6 +221,7 @@ def test_bad_training_input_writes_nothing(tmp_path, corpus, setup, message):
 
 
 @pytest.mark.parametrize("mode", ["eval", "sample"])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_eval_and_sample_on_an_empty_workdir_write_nothing(tmp_path, mode):
   (tmp_path / "empty").mkdir()
   for name in ("empty", "missing"):

@@ -186,6 +186,7 @@ def test_block_decoding_wraps_remasking():
   assert int(calls) == 2 * 64
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_sliding_window_continues_with_the_window_conditionals():
   # Window L = 4, blocks of 2, 8 tokens: x[0:4] ~ p, then each new pair ~ p(x[2:4] | x[0:2] =
   # the two tokens before it).
@@ -235,6 +236,7 @@ def test_prompt_guidance_tilts_by_the_unconditional(scale):
     np.testing.assert_array_equal(samples, plain)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_guidance_at_zero_equals_conditional_for_every_sampler():
   uncond = guidance.without(LOGITS_FN, jnp.array([True, False, False]), V)
   kw = dict(schedule=get_schedule("linear"), batch_size=64, seq_len=L, vocab_size=V,
@@ -276,6 +278,7 @@ KNOWN_SAMPLERS = [*all_samplers(5, 6), "blocks", "guided"]
 
 
 @pytest.mark.parametrize("name", KNOWN_SAMPLERS)
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_known_tokens_never_change(name):
   vocab_size, seq_len, batch = 5, 6, 16
   logits_fn = random_network(vocab_size, seq_len)
@@ -325,6 +328,7 @@ def order_draw(gumbel_temperature, confidence_kind="max_prob", num=N, seed=0):
   return np.asarray(samples)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_infinite_gumbel_temperature_reveals_in_uniformly_random_order():
   orders = order_draw(math.inf)
   perms = list(itertools.permutations(range(ORDER_L)))
@@ -397,6 +401,7 @@ def tiny_config(model_type: str = "md4", **sampling):
     ("genmd4", dict(method="confidence", gumbel_temperature=math.inf, top_k=2)),
     ("genmd4", dict(method="ancestral", block_size=2)),
 ])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_config_selects_the_sampler_and_counts_network_passes(model_type, sampling):
   from md4 import config_lib
   from md4.methods import METHODS

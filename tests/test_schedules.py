@@ -86,6 +86,7 @@ def endpoint_times(rng, batch_size):
   return jnp.resize(base, (batch_size,))
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_nelbo_finite_at_endpoint_times(monkeypatch):
   monkeypatch.setattr(masked, "antithetic_times", endpoint_times)
   vocab_size = 5
@@ -102,6 +103,7 @@ def test_nelbo_finite_at_endpoint_times(monkeypatch):
   assert np.all(np.isfinite(values)) and np.all(values >= 0), values
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_genmd4_finite_at_endpoint_times(monkeypatch):
   monkeypatch.setattr(genmd4, "antithetic_times", endpoint_times)
   vocab_size = 5

@@ -109,6 +109,7 @@ def measured():
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_meshes_match_single_device(measured):
   assert measured["devices"] == 8
   ref = np.asarray(measured["reference"])

@@ -52,6 +52,7 @@ def trained(tmp_path_factory, corpus):
   return workdir, common
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_train_eval_sample(trained):
   workdir, common = trained
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -102,6 +103,20 @@ def final_params(workdir, step):
   return state
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
+def test_order_gap_reads_a_run(trained, capsys):
+  from md4.tools import order_gap
+  workdir, _ = trained
+  assert order_gap.main([workdir, "--num_batches", "1"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("8 held-out sequences, ")  # eval.batch_size 8
+  values = [float(re.search(r"([0-9.]+) bits/char", line).group(1)) for line in out[1:]]
+  assert len(values) == 2 and all(0 < v < 10 for v in values), out
+  assert order_gap.main([workdir, "--reference", workdir]) == 2
+  assert capsys.readouterr().err.strip() == f"error: {workdir} is not an ar run"
+
+
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
   workdir = str(tmp_path / "run")
   common = [f"--config.data.path={corpus}", *TINY, "--config.data.tokenizer=bpe",
@@ -136,6 +151,7 @@ def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
   assert all(s.startswith("the king") for s in text.rstrip("\n").split("\n\n"))
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_ggm_unigram_noise_and_nelbo(tmp_path, corpus):
   """GGM with the paper's choices (K = 4, unigram noise): the noise law is counted once from the
   training split and saved; eval lines, --mode=eval and sampling read it; eval reports bits."""
@@ -207,6 +223,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
     np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=str(k))
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_many_steps_between_host_syncs_on_two_cpu_devices(tmp_path, corpus):
   # 300 steps dispatched without a host sync used to starve XLA:CPU's in-process all-reduce
   # (the run aborted after its 40 s rendezvous timeout); the loop now keeps 2 steps in flight.
@@ -223,6 +240,7 @@ def test_many_steps_between_host_syncs_on_two_cpu_devices(tmp_path, corpus):
   assert train["step"] == 300 and train["bits_per_token"] < 4.5
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, trained):
   source, common = trained
   workdir = str(tmp_path / "run")  # a copy: the other tests read the trained run
@@ -251,6 +269,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, trained):
     ("--config.data.tokenizer=bpe --config.vocab_size=60 --config.data.tokenizer_path=README.md",
      "README.md is not a BPE tokenizer file over the text8 alphabet"),
 ])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_bad_input_is_one_clear_line(tmp_path, corpus, override, message):
   args = [f"--config.data.path={corpus}", *TINY, *override.split()]
   result = main_py(str(tmp_path / "run"), *args)
@@ -272,6 +291,7 @@ def test_bad_flags_are_one_clear_line(tmp_path, args, message):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
   workdir = str(tmp_path / "run")
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -301,6 +321,7 @@ def test_nonfinite_loss_stops_before_checkpoint(tmp_path, corpus):
     pytest.param("configs/md4_pixels_demo.py", {"bits_per_dim", "bits_per_token"},
                  marks=pytest.mark.slow),
 ])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_other_methods_train_eval_sample(tmp_path, corpus, config, expected):
   workdir = str(tmp_path / "run")
   is_image = "blackout" in config or "pixels" in config

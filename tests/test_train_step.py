@@ -38,6 +38,7 @@ def test_learning_rate_schedules(schedule, quarter, end):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_unet_step_has_only_canonical_convolutions(grad_accum):
   # A gradient computed inside a loop body (even of length 1) keeps JAX's transpose-rule
   # convolution layouts, which XLA:CPU runs on a naive emitter (jax-ml/jax#12868): the Blackout
@@ -55,6 +56,7 @@ def test_unet_step_has_only_canonical_convolutions(grad_accum):
   assert set(labels) == {"b01f_01io->b01f"}, labels
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_accumulation_averages_micro_batches():
   c = config_lib.base()
   c.seq_len = 16

@@ -56,6 +56,7 @@ def param_shapes(**overrides):
   return jax.eval_shape(model.init, jax.random.key(0), TOKENS, T)["params"]
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_output_shapes_and_head_index_gathers_the_full_output(base):
   params, apply, full = base
   assert full.shape == (B, L, V) and full.dtype == jnp.float32
@@ -73,6 +74,7 @@ def test_output_shapes_and_head_index_gathers_the_full_output(base):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_head_reduce_runs_the_trunk_once_and_heads_agree(base):
   params, _, full = base
   model = Transformer(**CONFIG)
@@ -110,6 +112,7 @@ def test_count_params_and_mlp_width():
 
 @pytest.mark.parametrize("mlp, norm", [("swiglu", "layernorm"), ("swiglu", "rmsnorm"),
                                        ("relu2", "layernorm"), ("relu2", "rmsnorm")])
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_mlp_and_norm_variants_compute_their_formulas(mlp, norm):
   # One block without time input and with a zero QKV kernel, so attention contributes only
   # attn_out's bias; the rest is recomputed in numpy from the (perturbed) parameters.
@@ -159,6 +162,7 @@ def test_zero_modulation_makes_blocks_identity_and_time_irrelevant(base):
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_modulation_is_zero_at_init():
   model, _ = apply_fn()
   params = jax.jit(model.init)(jax.random.key(0), TOKENS, T)["params"]
@@ -174,6 +178,7 @@ def test_time_changes_the_output_with_random_params(base):
   assert diff[0].max() > 0.1 and diff[2].max() > 0.1
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_without_time_conditioning_t_is_ignored():
   model, apply = apply_fn(time_conditioning=False)
   params = init(model)
@@ -213,6 +218,7 @@ def test_local_mix_is_the_depthwise_convolution_it_says(size, causal):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_local_branch_starts_at_zero_and_keeps_causality():
   model = Transformer(**CONFIG, causal=True, local_mix=3)
   params = model.init(jax.random.key(0), TOKENS, T)["params"]
@@ -250,6 +256,7 @@ def test_dropout_only_in_training(base):
   np.testing.assert_array_equal(train_a, apply(params, TOKENS, T, train=True, rng=rng))
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_remat_gives_same_output_and_gradients(base):
   params, _, _ = base
   grads = []

@@ -34,6 +34,7 @@ def rate_net():
   return model, params, x
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_rate_output(rate_net):
   model, params, x = rate_net
   apply = jax.jit(model.apply)
@@ -45,6 +46,7 @@ def test_rate_output(rate_net):
   assert float(jnp.abs(lam - other).mean()) > 1e-3 * float(jnp.abs(lam).mean())
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_dropout_only_when_training(rate_net):
   model, params, x = rate_net
   t = jnp.array([0.3, 0.3])
@@ -57,6 +59,7 @@ def test_dropout_only_when_training(rate_net):
   assert float(jnp.abs(apply(True, 0) - apply(False, 0)).max()) > 1e-3
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_logits_output_odd_size():
   """MD4 on pixels: ids 0..256 (256 = mask) in, 256 logits per channel value out; 14 -> 7 -> 4."""
   model = UNet(image_channels=1, input_kind="tokens", output_kind="logits", num_embeddings=257,
@@ -77,6 +80,7 @@ def test_logits_output_odd_size():
   assert float(jnp.abs(a - c).max()) > 1e-3
 
 
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_bfloat16_activations_float32_params():
   model = UNet(image_channels=1, dtype=jnp.bfloat16, **{**SMALL, "channel_mults": (1,)})
   x = jnp.ones((1, 8, 8, 1))

@@ -163,6 +163,29 @@ def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, schedule: Schedule, *, voca
   return weight * log_likelihood + boundary
 
 
+def left_to_right_nll(logits_fn: LogitsFn, x: Array, *, vocab_size: int) -> Array:
+  """-log q(x) in nats per sequence, float[B], for q(x) = prod_i p(x_i | x_<i, the rest masked):
+  the exact likelihood of decoding the same network left to right one token at a time (block
+  decoding with blocks of 1). L network calls, head at the decoded position only; call i gets
+  t = (L - i) / L, the time at which a linear schedule masks the share still masked.
+
+  With the exact conditionals q = p. Against the NELBO, which averages over random orders
+  (docs/methods.md §1), it separates what the order costs from what the network lacks.
+  """
+  batch, seq_len = x.shape
+
+  def step(z, i):
+    t = jnp.full((batch,), (seq_len - i) / seq_len, jnp.float32)
+    logits = logits_fn(z, t, head_index=jnp.full((batch, 1), i))[:, 0, :vocab_size]  # [B, V]
+    x_i = jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+    z = jax.lax.dynamic_update_index_in_dim(z, x_i, i, axis=1)
+    return z, -log_prob(logits, x_i)
+
+  z0 = jnp.full_like(x, vocab_size)
+  _, nll = jax.lax.scan(step, z0, jnp.arange(seq_len))
+  return nll.sum(axis=0)
+
+
 def time_grid(num_steps: int, grid: str = "uniform") -> Array:
   """Decreasing times 1 = t_0 > t_1 > ... > t_S = 0: float[S + 1]."""
   u = jnp.linspace(1.0, 0.0, num_steps + 1)
