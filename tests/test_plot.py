@@ -112,11 +112,13 @@ def test_time_axis_sums_the_seconds_per_step(tmp_path):
   writer.write(30, "eval", {"bits_per_token": 0.5, "weights": "ema"})
   writer.close()
   fig = plot.plot_metrics([str(tmp_path)], str(tmp_path / "t.png"), metrics=["bits_per_token"],
-                          x="time")
-  lines = {line.get_label(): line for line in fig.get_axes()[0].get_lines()}
+                          x=("step", "time"))
+  by_step, by_time = fig.get_axes()
+  assert (by_step.get_xlabel(), by_time.get_xlabel()) == ("step", "training minutes")
+  np.testing.assert_array_equal(by_step.get_lines()[0].get_xdata(), [10, 20, 40])
+  lines = {line.get_label(): line for line in by_time.get_lines()}
   np.testing.assert_allclose(lines["train"].get_xdata(), [1.0, 1.5, 2.0])
   np.testing.assert_allclose(lines["eval/ema"].get_xdata(), [1.75])  # halfway from 20 to 40
-  assert fig.get_axes()[0].get_xlabel() == "training minutes"
   write_run(tmp_path / "old")  # no step_s
   with pytest.raises(ValueError, match="step_s"):
-    plot.plot_metrics([str(tmp_path / "old")], str(tmp_path / "o.png"), x="time")
+    plot.plot_metrics([str(tmp_path / "old")], str(tmp_path / "o.png"), x=("time",))

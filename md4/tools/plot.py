@@ -1,11 +1,11 @@
 """Training curves from one or more workdirs' metrics.jsonl, as a PNG.
 
   python -m md4.tools.plot runs/demo [runs/other ...] --out curves.png [--metric bits_per_token ...]
-      [--x time]
+      [--x step --x time]
 
-One panel per metric; train and eval curves of every workdir overlaid (eval curves are split by
-the weights they used, e.g. "eval/ema"). The x axis is the step, or with `--x time` the training
-time: the train lines' seconds per step (`step_s`) summed up to each point, so compilation,
+One panel per metric and x axis; train and eval curves of every workdir overlaid (eval curves
+are split by the weights they used, e.g. "eval/ema"). The x axis is the step, or with `--x time`
+the training time: the train lines' seconds per step (`step_s`) summed up to each point, so compilation,
 evaluation and checkpoints do not count. Workdirs may be bucket paths (gs://...).
 """
 
@@ -80,14 +80,15 @@ def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[st
 
 
 def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | None = None,
-                 labels: Sequence[str] | None = None, x: str = "step") -> Figure:
+                 labels: Sequence[str] | None = None, x: Sequence[str] = ("step",)) -> Figure:
   """Writes a PNG of the curves of `workdirs` (one panel per metric) to `out`; returns the figure.
 
   Default metrics: bits_per_char (text), else bits_per_token, else loss; lr, grad_norm,
-  tokens_per_s; as available. x: "step", or "time" (training minutes, `training_minutes`).
+  tokens_per_s; as available. x: the x axes, each "step" or "time" (training minutes,
+  `training_minutes`); every metric gets a panel per x axis.
   """
-  if x not in ("step", "time"):
-    raise ValueError(f"--x must be step or time, got {x!r}")
+  if isinstance(x, str) or not x or set(x) - {"step", "time"}:
+    raise ValueError(f"--x takes step and/or time, got {x!r}")
   if not workdirs:
     raise ValueError("no workdir given")
   labels = list(labels) if labels else [str(w).rstrip("/") for w in workdirs]
@@ -97,25 +98,26 @@ def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | 
   names = _available(runs, metrics)
   if not names:
     raise ValueError("no metric to plot")
-  cols = min(2, len(names))
-  rows = math.ceil(len(names) / cols)
+  panels = [(name, axis) for name in names for axis in x]
+  cols = min(2, len(panels))
+  rows = math.ceil(len(panels) / cols)
   fig = Figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows), dpi=DPI)
   FigureCanvasAgg(fig)
   colors = [f"C{i % 10}" for i in range(len(runs))]
-  for i, name in enumerate(names):
+  for i, (name, axis) in enumerate(panels):
     ax = fig.add_subplot(rows, cols, i + 1)
     for label, series, color in zip(labels, runs, colors, strict=True):
       for curve, by_metric in series.items():
         if name not in by_metric:
           continue
         steps, values = by_metric[name]
-        if x == "time":
+        if axis == "time":
           steps = training_minutes(series, steps)
         ax.plot(steps, values, LINESTYLES.get(curve, "-."), color=color,
                 marker="o" if len(steps) < 20 else None, markersize=3,
                 label=f"{label} {curve}" if len(runs) > 1 else curve)
     ax.set_title(name)
-    ax.set_xlabel("step" if x == "step" else "training minutes")
+    ax.set_xlabel("step" if axis == "step" else "training minutes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -133,11 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="metric to plot (repeatable); default: " + ", ".join(DEFAULT_METRICS))
   parser.add_argument("--label", action="append", dest="labels",
                       help="legend name of each workdir, in order (default: the path)")
-  parser.add_argument("--x", default="step", choices=("step", "time"),
-                      help="x axis: step, or training minutes (default: step)")
+  parser.add_argument("--x", action="append", choices=("step", "time"),
+                      help="x axis, repeatable: step, or time (training minutes); default: step")
   args = parser.parse_args(argv)
   try:
-    plot_metrics(args.workdirs, args.out, metrics=args.metrics, labels=args.labels, x=args.x)
+    plot_metrics(args.workdirs, args.out, metrics=args.metrics, labels=args.labels,
+                 x=args.x or ("step",))
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
