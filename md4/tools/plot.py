@@ -5,8 +5,8 @@
 
 One panel per metric and x axis; train and eval curves of every workdir overlaid (eval curves
 are split by the weights they used, e.g. "eval/ema"). The x axis is the step, or with `--x time`
-the training time: the train lines' seconds per step (`step_s`) summed up to each point, so compilation,
-evaluation and checkpoints do not count. Workdirs may be bucket paths (gs://...).
+the training time: the train lines' seconds per step (`step_s`) summed up to each point, so
+compilation, evaluation and checkpoints do not count. Workdirs may be bucket paths (gs://...).
 """
 
 from __future__ import annotations
