@@ -238,6 +238,8 @@ def test_tokens_per_s_counts_training_steps_only(trained):
   # Four steps of a 1-layer, width-32 model take milliseconds; compiling takes seconds. With
   # compile (or eval) time counted, the windows would add up to more than the compile alone.
   assert len(train) == 2 and seconds < compile_s / 4, (seconds, compile_s)
+  # step_s is the same clock per step (plot.py sums it into training minutes).
+  assert sum(2 * r["step_s"] for r in train) == pytest.approx(seconds, rel=1e-4)
 
 
 def start_two(workdir, args, logs) -> list[subprocess.Popen]:

@@ -140,6 +140,13 @@ def cmd_train(args) -> dict:
   print(f"full_head with bfloat16 matmul operands: step {bf16_s * 1e3:7.1f} ms  "
         f"{tokens.size / bf16_s:9.0f} tokens/s ({results['full_head']['step_s'] / bf16_s:.2f}x "
         f"the float32 step's speed)")
+  # The local branch beside attention (model.local_mix, configs/demo.py), float32 operands.
+  config.model.matmul_dtype, config.model.local_mix = "", 3
+  local_s = time_train_step(config, tokens)["step_s"]
+  config.model.local_mix = 0
+  print(f"full_head with model.local_mix=3: step {local_s * 1e3:7.1f} ms  "
+        f"{tokens.size / local_s:9.0f} tokens/s ({local_s / results['full_head']['step_s']:.2f}x "
+        f"the step without it)")
   # Reference point: the published MD4 code reaches ~41% of the measured peak at this shape with
   # a full output head, i.e. 0.41 * peak / (model FLOPs per token) tokens/s.
   reference = 0.41 * peak * 1e9 / (results["full_head"]["flops_per_step"] / tokens.size)
@@ -149,7 +156,7 @@ def cmd_train(args) -> dict:
           "flops_per_step": best["flops_per_step"], "matmul_peak_gflops": peak,
           "peak_fraction": best["peak_fraction"], "reference_tokens_per_s": reference,
           "speedup_vs_reference": best["tokens_per_s"] / reference, "variants": results,
-          "muon_step_s": muon_s, "bf16_operands_step_s": bf16_s,
+          "muon_step_s": muon_s, "bf16_operands_step_s": bf16_s, "local_mix_step_s": local_s,
           "peak_rss_mb": peak_rss_mb()}
 
 
