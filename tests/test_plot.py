@@ -119,6 +119,9 @@ def test_time_axis_sums_the_seconds_per_step(tmp_path):
   lines = {line.get_label(): line for line in by_time.get_lines()}
   np.testing.assert_allclose(lines["train"].get_xdata(), [1.0, 1.5, 2.0])
   np.testing.assert_allclose(lines["eval/ema"].get_xdata(), [1.75])  # halfway from 20 to 40
+  fig = plot.plot_metrics([str(tmp_path)], str(tmp_path / "e.png"), metrics=["bits_per_token"],
+                          curves=["eval/ema"])
+  assert [line.get_label() for line in fig.get_axes()[0].get_lines()] == ["eval/ema"]
   write_run(tmp_path / "old")  # no step_s
   with pytest.raises(ValueError, match="step_s"):
     plot.plot_metrics([str(tmp_path / "old")], str(tmp_path / "o.png"), x=("time",))

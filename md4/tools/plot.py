@@ -80,12 +80,14 @@ def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[st
 
 
 def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | None = None,
-                 labels: Sequence[str] | None = None, x: Sequence[str] = ("step",)) -> Figure:
+                 labels: Sequence[str] | None = None, x: Sequence[str] = ("step",),
+                 curves: Sequence[str] | None = None) -> Figure:
   """Writes a PNG of the curves of `workdirs` (one panel per metric) to `out`; returns the figure.
 
   Default metrics: bits_per_char (text), else bits_per_token, else loss; lr, grad_norm,
   tokens_per_s; as available. x: the x axes, each "step" or "time" (training minutes,
-  `training_minutes`); every metric gets a panel per x axis.
+  `training_minutes`); every metric gets a panel per x axis. curves: only these (e.g.
+  "eval/ema"); None: all.
   """
   if isinstance(x, str) or not x or set(x) - {"step", "time"}:
     raise ValueError(f"--x takes step and/or time, got {x!r}")
@@ -108,7 +110,7 @@ def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | 
     ax = fig.add_subplot(rows, cols, i + 1)
     for label, series, color in zip(labels, runs, colors, strict=True):
       for curve, by_metric in series.items():
-        if name not in by_metric:
+        if name not in by_metric or (curves and curve not in curves):
           continue
         steps, values = by_metric[name]
         if axis == "time":
@@ -135,12 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="metric to plot (repeatable); default: " + ", ".join(DEFAULT_METRICS))
   parser.add_argument("--label", action="append", dest="labels",
                       help="legend name of each workdir, in order (default: the path)")
+  parser.add_argument("--curve", action="append", dest="curves",
+                      help="only this curve, repeatable (train, eval/params, eval/ema, sample)")
   parser.add_argument("--x", action="append", choices=("step", "time"),
                       help="x axis, repeatable: step, or time (training minutes); default: step")
   args = parser.parse_args(argv)
   try:
     plot_metrics(args.workdirs, args.out, metrics=args.metrics, labels=args.labels,
-                 x=args.x or ("step",))
+                 x=args.x or ("step",), curves=args.curves)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
