@@ -71,9 +71,10 @@ def download_text8(dest: str | os.PathLike) -> pathlib.Path:
     with tqdm.tqdm(desc="text8.zip", unit="B", unit_scale=True, disable=None) as bar:
 
       def progress(blocks: int, block_size: int, total: int) -> None:
-        if total > 0:
-          bar.total = total
-        bar.update(min(blocks * block_size, total if total > 0 else blocks * block_size) - bar.n)
+        done = blocks * block_size
+        if total > 0:  # the server sent a length
+          bar.total, done = total, min(done, total)
+        bar.update(done - bar.n)
 
       urllib.request.urlretrieve(TEXT8_URL, tmp, reporthook=progress)
     tmp.rename(out)
