@@ -169,6 +169,7 @@ def accel_config(model_type: str):
   c = tiny_config()
   c.model_type = model_type
   c.diffusion.head_fraction = 0.5  # md4: the masked-position head
+  c.model.local_mix = 3 if model_type == "md4" else 0  # md4: the local branch (configs/demo.py)
   c.ggm.sweeps = 1
   return c
 
