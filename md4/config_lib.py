@@ -72,6 +72,8 @@ def base() -> ml_collections.ConfigDict:
       loss="soft",           # soft | hard | ce
       renoise_known=False,   # infilling variant: re-noise known tokens at each step
       noise="uniform",       # noise law u: uniform | unigram (training split's token frequencies)
+      aux_queries=0,         # M > 0: some rows query M upcoming visits at once (auxiliary task)
+      aux_rows=0.5,          # with aux_queries: the share of the batch's rows that do
   ))
   c.image_shape = (28, 28, 1)  # image datasets only
   c.unet = ml_collections.ConfigDict(dict(
@@ -203,6 +205,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.ggm.sweeps >= 1, "ggm.sweeps must be at least 1")
   _one_of("ggm.loss", config.ggm.loss, glauber.LOSS_KINDS)
   _one_of("ggm.noise", config.ggm.noise, glauber.NOISE_LAWS)
+  _require(0 <= config.ggm.aux_queries <= config.seq_len,
+           f"ggm.aux_queries must be in 0..seq_len ({config.seq_len}), got "
+           f"{config.ggm.aux_queries}")
+  _require(0.0 < config.ggm.aux_rows < 1.0,
+           f"ggm.aux_rows must be in (0, 1) (some rows keep the one-visit task the sampler "
+           f"needs), got {config.ggm.aux_rows}")
 
 
 SAMPLING_METHODS = {"md4": ("ancestral", "remdm", "confidence"),

@@ -248,3 +248,44 @@ def nelbo_offsets(p: np.ndarray, process: GlauberProcess) -> tuple[np.ndarray, n
     gap[index] = np.sum(q_final * (log_p_final - log_prior.reshape(-1)))
     prior[index] = np.sum(q_final * (np.log(q_final) - log_prior.reshape(-1)))
   return gap, prior
+
+
+def position_table_logits_fn(table: np.ndarray, vocab_size: int):
+  """A jittable logits_fn(x_in, t) -> float[B, L, V] reading table[t, state_index(x_in, V + 1)],
+  a table float[T, (V+1)^L, L, V] with a row per position."""
+  table = jnp.asarray(table)
+  return lambda x_in, t: table[t, state_index(x_in, vocab_size + 1)]
+
+
+def expected_query_losses(p: np.ndarray, process: GlauberProcess, table: np.ndarray,
+                          queries: int) -> dict[str, float]:
+  """E over x ~ p, t ~ U{0..T-Q}, X_t and the visits at steps t..t+Q-1 of the per-visit mean
+  "hard" loss (the visit simulated: signal w.p. pi_s, else a noise token ~ u) and "ce" loss
+  (-log softmax(l + log u) at the token X_t^i), the network seeing X_t with the Q visited
+  positions replaced by the query id; `table` as in `position_table_logits_fn`. Enumerated."""
+  vocab_size, seq_len, u = process.vocab_size, process.seq_len, noise_law(process)
+  states = np.array(list(itertools.product(range(vocab_size), repeat=seq_len)))
+  first_steps = range(process.num_steps - queries + 1)
+  hard = ce = 0.0
+  for t in first_steps:
+    visits = np.asarray(process.completed_visits(jnp.asarray(t)))
+    keep = [kernel(survival(process, int(c)), u) for c in visits]  # P(X_t^j = z | x_j)
+    steps = [t + k for k in range(queries)]
+    positions = [s % seq_len for s in steps]
+    for x, px in zip(states, p.reshape(-1)):
+      for z in states:
+        pz = px * np.prod([keep[j][x[j], z[j]] for j in range(seq_len)])
+        x_in = z.copy()
+        x_in[positions] = vocab_size
+        row = table[t, int(np.ravel_multi_index(x_in, (vocab_size + 1,) * seq_len))]
+        for s, i in zip(steps, positions):
+          logits = row[i].astype(np.float64)
+          pi = keep_prob(process, s)
+          for b in range(vocab_size):  # the observed token after the visit
+            signal = pi * (b == z[i])
+            noise = (1.0 - pi) * u[b]
+            hard -= pz * (signal * -np.logaddexp(0.0, -logits[b])
+                          + noise * -np.logaddexp(0.0, logits[b])) / queries
+          shifted = logits + np.log(u)
+          ce -= pz * (shifted[z[i]] - np.logaddexp.reduce(shifted)) / queries
+  return {"hard": hard / len(first_steps), "ce": ce / len(first_steps)}

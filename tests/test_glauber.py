@@ -291,6 +291,37 @@ def test_loss_shapes_and_query_row():
     glauber.loss(query_checking_fn, x, jax.random.key(8), PROCESS, kind="mse")
 
 
+POSITION_TABLE = np.random.default_rng(4).normal(
+  0.0, 2.0, (PROCESS.num_steps, (V + 1) ** L, L, V)).astype(np.float32)
+
+
+@pytest.mark.parametrize("queries", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_several_queries_loss_matches_enumeration(queries):
+  """Q visits per pass: the Monte Carlo mean of each kind equals the enumerated expectation of
+  the simulated visits (soft is hard's expectation), with a network whose logits differ by
+  position and by the set of queried positions."""
+  exact = go.expected_query_losses(P, PROCESS, POSITION_TABLE, queries)
+  fn = jax.jit(lambda x, rng, kind: glauber.loss(
+    go.position_table_logits_fn(POSITION_TABLE, V), x, rng, PROCESS, kind=kind,
+    queries=queries), static_argnums=2)
+  x = draw_data(11, 1 << 15)
+  for kind, target in (("soft", exact["hard"]), ("hard", exact["hard"]), ("ce", exact["ce"])):
+    mean, se = mean_se(np.asarray(fn(x, jax.random.key(12), kind), np.float64))
+    assert abs(mean - target) < 4 * se, (kind, mean, se, target)
+  # A batch mixing rows of one visit and rows of Q visits (`counts`): each kind of row on its own.
+  counts = jnp.where(jnp.arange(len(x)) % 2 == 1, queries, 1)
+  mixed = np.asarray(jax.jit(lambda x, rng: glauber.loss(
+    go.position_table_logits_fn(POSITION_TABLE, V), x, rng, PROCESS, queries=queries,
+    counts=counts))(x, jax.random.key(13)), np.float64)
+  single = go.expected_query_losses(P, PROCESS, POSITION_TABLE, 1)["hard"]
+  for values, target in ((mixed[0::2], single), (mixed[1::2], exact["hard"])):
+    mean, se = mean_se(values)
+    assert abs(mean - target) < 4 * se, (mean, se, target)
+  with pytest.raises(ValueError, match="queries"):
+    glauber.loss(go.position_table_logits_fn(POSITION_TABLE, V), x, jax.random.key(0), PROCESS,
+                 queries=L + 1)
+
+
 def test_stratified_steps_cover_all_steps():
   t = np.asarray(glauber.stratified_steps(jax.random.key(9), 24, PROCESS.num_steps))
   np.testing.assert_array_equal(np.bincount(t, minlength=12), np.full(12, 2))

@@ -133,6 +133,21 @@ def test_png_grid(tmp_path, channels, max_count):
   assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()  # the padding is black
 
 
+def test_class_grid_layout():
+  """Each block is laid `per_row` images a row (one class a row), blocks side by side."""
+  from md4.tools.class_grid import GAP, side_by_side
+
+  rng = np.random.default_rng(1)
+  blocks = [rng.integers(0, 256, (6, H, W, 1)) for _ in range(2)]  # 3 classes x 2 per class
+  grid = side_by_side(blocks, 255, per_row=2)
+  block_width = 2 * (W + 2) + 2
+  assert grid.shape == (3 * (H + 2) + 2, 2 * block_width + GAP, 1)
+  assert (grid[:, block_width:block_width + GAP] == 255).all()  # the white gap
+  # Block 1, image 5 (class 2, second sample) sits in row 2, column 1 of the second block.
+  top, left = 2 + 2 * (H + 2), block_width + GAP + 2 + (W + 2)
+  np.testing.assert_array_equal(grid[top:top + H, left:left + W], blocks[1][5])
+
+
 @pytest.mark.skipif(not pathlib.Path("data/mnist5k/train_images.npy").is_file(),
                     reason="run `python -m md4.data.prepare mnist5k --out data` first")
 def test_prepared_mnist5k():

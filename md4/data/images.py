@@ -272,11 +272,13 @@ def create_image_datasets(data_config, *, batch_size: int, seed: int, process_in
 # Sample grids.
 
 
-def image_grid(images: np.ndarray, max_count: int, pad: int = 2) -> np.ndarray:
-  """Tiles int[B, H, W, C] (0..max_count) into a uint8 [rows, cols, C] grid, scaled to 0..255."""
+def image_grid(images: np.ndarray, max_count: int, pad: int = 2,
+               cols: int | None = None) -> np.ndarray:
+  """Tiles int[B, H, W, C] (0..max_count) into a uint8 grid of `cols` columns (default: about
+  square), scaled to 0..255."""
   images = np.asarray(images)
   batch, height, width, channels = images.shape
-  cols = int(np.ceil(np.sqrt(batch)))
+  cols = cols or int(np.ceil(np.sqrt(batch)))
   rows = -(-batch // cols)
   scaled = np.round(np.clip(images, 0, max_count) * (255.0 / max_count)).astype(np.uint8)
   grid = np.zeros((rows * (height + pad) + pad, cols * (width + pad) + pad, channels), np.uint8)
@@ -288,10 +290,14 @@ def image_grid(images: np.ndarray, max_count: int, pad: int = 2) -> np.ndarray:
 
 
 def save_image_grid(images: np.ndarray, path: str | pathlib.Path, max_count: int) -> None:
-  """Writes int[B, H, W, C] images (C = 1 or 3, values 0..max_count) as one PNG grid (Pillow)."""
+  """Writes int[B, H, W, C] images (C = 1 or 3, values 0..max_count) as one PNG grid."""
+  save_png(image_grid(images, max_count), path)
+
+
+def save_png(grid: np.ndarray, path: str | pathlib.Path) -> None:
+  """Writes a uint8 [h, w, C] picture (C = 1 or 3) as PNG (Pillow), locally or to a bucket."""
   from PIL import Image
 
-  grid = image_grid(images, max_count)
   if grid.shape[-1] not in (1, 3):
     raise ValueError(f"PNG grids need 1 or 3 channels, got {grid.shape[-1]}")
   path = epath.Path(path)  # a local or bucket (gs://) path

@@ -135,11 +135,11 @@ class GlauberProcess:
 
   def pre_visit_law(self, clean: Array, t: Array) -> Array:
     """r_a = kappa 1[a = x_i] + (1 - kappa) u(a), the law of X_t^{i_t} given x_i = `clean`
-    (kappa = kappa_c, c = t // L completed visits of i_t): float[B, V] for clean, t: int[B]."""
+    (kappa = kappa_c, c = t // L completed visits of i_t): float[..., V] for clean, t: int[...]."""
     visits = jnp.asarray(t) // self.seq_len
-    kappa = self.survival(visits)[:, None]
+    kappa = self.survival(visits)[..., None]
     return (kappa * jax.nn.one_hot(clean, self.vocab_size)
-            + self.survival_complement(visits)[:, None] * self.noise_dist())
+            + self.survival_complement(visits)[..., None] * self.noise_dist())
 
   def survival(self, c: Array) -> Array:
     """kappa_c = prod of the first c keep probabilities = alpha(c / K) / alpha(0): float."""
@@ -212,45 +212,67 @@ def _queried_logits(logits_fn: LogitsFn, context: Array, t: Array, process: Glau
 
 
 def loss(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess, *,
-         kind: str = "soft") -> Array:
-  """One-visit classifier loss in nats per example: float[B] (unbiased, one step per row).
+         kind: str = "soft", queries: int = 1, counts: Array | None = None) -> Array:
+  """Classifier loss of `queries` visits per example, nats per visit: float[B] (unbiased).
 
-  Each row draws a step t (stratified over the batch), X_t | x in closed form, and supervises the
-  visit of i = i_t; the network sees X_{t+1} with position i replaced by the query id V.
+  Each row draws a step t (stratified over the batch), X_t | x in closed form, and supervises
+  the visits of steps t..t+Q-1 (Q = queries <= L, distinct positions i = i_{t+k}, none visited
+  between t and its own step, so X_t^i is its pre-visit state); the network sees X_t with those
+  Q positions replaced by the query id V. Q = 1 is GGM's objective, the one whose minimiser the
+  sampler uses; Q > 1 is an auxiliary task (inputs with several query ids, never met by the
+  sampler) that supervises Q positions per network pass. `counts` (int[B] in 1..Q) gives row b
+  only its first counts[b] visits, t then drawn in 0..T-counts[b], so one batch can mix both.
+  Q > 1 or `counts` needs logits_fn -> [B, L, V].
 
-  kind:
-    "hard": simulate the visit (signal w.p. pi_t, else a noise token ~ u), observed token b,
+  kind (per visit at position i, step s):
+    "hard": simulate the visit (signal w.p. pi_s, else a noise token ~ u), observed token b,
       binary cross-entropy of l(b) against y = 1[signal].
     "soft": its expectation over the visit and over X_t^i given x (same minimiser),
-      -sum_a [pi_t r_a log sigmoid(l(a)) + Pi_t(a) log sigmoid(-l(a))], with
+      -sum_a [pi_s r_a log sigmoid(l(a)) + Pi_s(a) log sigmoid(-l(a))], with
       r_a = kappa 1[a = x_i] + (1 - kappa) u(a) the pre-visit law of position i.
     "ce": cross-entropy of softmax(l + log u) against the pre-visit token X_t^i, averaged over its
-      law r given x (Rao-Blackwellised); it learns the reverse kernel q_t directly.
+      law r given x (Rao-Blackwellised); it learns the reverse kernel q_s directly.
   """
   if kind not in LOSS_KINDS:
     raise ValueError(f"unknown GGM loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
+  if not 1 <= queries <= process.seq_len:
+    raise ValueError(f"queries must be in 1..{process.seq_len} (distinct positions), got "
+                     f"{queries}")
   step_rng, noise_rng, visit_rng = jax.random.split(rng, 3)
   batch_size = x.shape[0]
-  t = stratified_steps(step_rng, batch_size, process.num_steps)  # [B]
-  i = process.position(t)  # [B]
+  counts_b = jnp.full((batch_size,), queries) if counts is None else counts
+  t = stratified_steps(step_rng, batch_size, process.num_steps - counts_b + 1)  # [B]
+  steps = t[:, None] + jnp.arange(queries)  # [B, Q]
+  active = jnp.arange(queries) < counts_b[:, None]  # [B, Q]
+  i = process.position(steps)  # [B, Q]
   x_t = process.noise_to(x, t, noise_rng)  # [B, L]
-  logits = _queried_logits(logits_fn, x_t, t, process)  # [B, V]
+  if queries == 1 and counts is None:
+    logits = _queried_logits(logits_fn, x_t, t, process)[:, None]  # [B, 1, V]
+  else:
+    at_i = jnp.any((jnp.arange(x.shape[1]) == i[:, :, None]) & active[:, :, None], axis=1)
+    logits = logits_fn(jnp.where(at_i, process.query_id, x_t), t).astype(jnp.float32)
+    logits = jnp.take_along_axis(logits, i[:, :, None], axis=1)  # [B, Q, V]
+  mean_active = lambda per_visit: jnp.sum(jnp.where(active, per_visit, 0.0), 1) / counts_b
 
-  pi = process.keep_prob(t)[:, None]  # [B, 1]
-  clean_i = jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]  # [B]
+  pi = process.keep_prob(steps)[..., None]  # [B, Q, 1]
+  clean_i = jnp.take_along_axis(x, i, axis=1)  # [B, Q]
   if kind == "hard":
     signal_rng, token_rng = jax.random.split(visit_rng)
-    signal = jax.random.uniform(signal_rng, (batch_size, 1)) < pi
-    noise = process.draw_noise(token_rng, (batch_size, 1), x_t.dtype)
-    observed = jnp.where(signal, jnp.take_along_axis(x_t, i[:, None], axis=1), noise)
-    l_b = jnp.take_along_axis(logits, observed, axis=1)[:, 0]
-    return -jnp.where(signal[:, 0], jax.nn.log_sigmoid(l_b), jax.nn.log_sigmoid(-l_b))
+    signal = jax.random.uniform(signal_rng, i.shape + (1,)) < pi  # [B, Q, 1]
+    noise = process.draw_noise(token_rng, i.shape + (1,), x_t.dtype)
+    observed = jnp.where(signal, jnp.take_along_axis(x_t, i, axis=1)[..., None], noise)
+    l_b = jnp.take_along_axis(logits, observed, axis=2)[..., 0]
+    return mean_active(-jnp.where(signal[..., 0], jax.nn.log_sigmoid(l_b),
+                                  jax.nn.log_sigmoid(-l_b)))
 
-  r = process.pre_visit_law(clean_i, t)  # [B, V]
+  r = process.pre_visit_law(clean_i, steps)  # [B, Q, V]
   if kind == "ce":
-    return -jnp.sum(r * jax.nn.log_softmax(logits + process.log_noise_dist(), axis=-1), axis=-1)
-  return -jnp.sum(pi * r * jax.nn.log_sigmoid(logits)
-                  + process.noise_prob(t) * jax.nn.log_sigmoid(-logits), axis=-1)
+    per_visit = -jnp.sum(r * jax.nn.log_softmax(logits + process.log_noise_dist(), axis=-1),
+                         axis=-1)
+  else:
+    per_visit = -jnp.sum(pi * r * jax.nn.log_sigmoid(logits)
+                         + process.noise_prob(steps) * jax.nn.log_sigmoid(-logits), axis=-1)
+  return mean_active(per_visit)
 
 
 def nelbo(logits_fn: LogitsFn, x: Array, rng: Array, process: GlauberProcess) -> Array:

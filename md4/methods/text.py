@@ -212,8 +212,9 @@ class GenMD4(MD4):
 
 
 def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: bool,
-                  num_steps: int) -> Callable:
-  """GGM adapter: logits_fn(x_in, t) -> float[B, V], the head only at the queried position.
+                  num_steps: int, every_position: bool = False) -> Callable:
+  """GGM adapter: logits_fn(x_in, t) -> float[B, V], the head only at the queried position
+  (or float[B, L, V] at every position, for inputs with several queries).
 
   The queried position is the one holding the query id V (a per-row gather, local to each
   device); the step t in 0..T-1 reaches the network as the time t / T in [0, 1).
@@ -221,8 +222,11 @@ def query_head_fn(model: Transformer, params: Any, rng: Array | None, train: boo
   base = network_fn(model, params, rng, train, padded=False)
 
   def logits_fn(x_in: Array, t: Array) -> Array:
+    time = t.astype(jnp.float32) / num_steps
+    if every_position:
+      return base(x_in, time)
     query = jnp.argmax(x_in == model.vocab_size, axis=1)  # int[B]
-    return base(x_in, t.astype(jnp.float32) / num_steps, head_index=query)
+    return base(x_in, time, head_index=query)
 
   return logits_fn
 
@@ -265,8 +269,22 @@ class GGM:
                         self.process, kind=self.config.ggm.loss)
 
   def loss(self, params, tokens, rng, train=True):
-    loss = self._losses(params, tokens, rng, train).mean()
-    return loss, {"loss": loss}
+    """The one-visit loss; with ggm.aux_queries = M > 0, the last ggm.aux_rows of the batch's
+    rows supervise M visits each instead (one network call for the whole batch)."""
+    g = self.config.ggm
+    if not g.aux_queries:
+      loss = self._losses(params, tokens, rng, train).mean()
+      return loss, {"loss": loss}
+    net_rng, diffusion_rng = jax.random.split(rng)
+    batch_size = tokens.shape[0]
+    aux = jnp.arange(batch_size) >= batch_size - round(g.aux_rows * batch_size)
+    logits_fn = query_head_fn(self.model, params, net_rng, train, self.process.num_steps,
+                              every_position=True)
+    losses = glauber.loss(logits_fn, tokens, diffusion_rng, self.process, kind=g.loss,
+                          queries=g.aux_queries, counts=jnp.where(aux, g.aux_queries, 1))
+    loss = losses.mean()
+    one_visit = jnp.sum(jnp.where(aux, 0.0, losses)) / jnp.maximum(jnp.sum(~aux), 1)
+    return loss, {"loss": loss, "one_visit_loss": one_visit}
 
   def evaluate(self, params, tokens, rng):
     """Per sequence: the NELBO of the reverse chain (nats) and the classifier loss."""
