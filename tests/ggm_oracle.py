@@ -272,13 +272,13 @@ def expected_query_losses(p: np.ndarray, process: GlauberProcess, table: np.ndar
     keep = [kernel(survival(process, int(c)), u) for c in visits]  # P(X_t^j = z | x_j)
     steps = [t + k for k in range(queries)]
     positions = [s % seq_len for s in steps]
-    for x, px in zip(states, p.reshape(-1)):
+    for x, px in zip(states, p.reshape(-1), strict=True):
       for z in states:
         pz = px * np.prod([keep[j][x[j], z[j]] for j in range(seq_len)])
         x_in = z.copy()
         x_in[positions] = vocab_size
         row = table[t, int(np.ravel_multi_index(x_in, (vocab_size + 1,) * seq_len))]
-        for s, i in zip(steps, positions):
+        for s, i in zip(steps, positions, strict=True):
           logits = row[i].astype(np.float64)
           pi = keep_prob(process, s)
           for b in range(vocab_size):  # the observed token after the visit
