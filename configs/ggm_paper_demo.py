@@ -1,4 +1,5 @@
-"""ggm_demo.py with the paper's GGM choices: K = 4 sweeps and unigram noise (see ggm_owt.py).
+"""ggm_demo.py with the paper's GGM choices: K = 4 sweeps, unigram noise and the binary
+classification loss (`soft`, the lower-variance form of its hard-label BCE; see ggm_owt.py).
 
   python main.py --config=configs/ggm_paper_demo.py --workdir=runs/ggm_paper_demo
 """
@@ -8,5 +9,5 @@ from configs import ggm_demo
 
 def get_config():
   c = ggm_demo.get_config()
-  c.ggm.update(sweeps=4, noise="unigram")
+  c.ggm.update(sweeps=4, noise="unigram", loss="soft")
   return c
