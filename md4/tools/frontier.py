@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import matplotlib
 import ml_collections
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -52,7 +53,7 @@ class Setting:
 def settings() -> list[Setting]:
   """Ancestral; ReMDM's four schedules at the etas of the paper's scripts (cap 0.008, rescale
   0.015, loop 0.02; conf has none); confidence order with each score at Gumbel temperature 0
-  and 1; blocks of 16 around the ancestral sampler."""
+  and 1; blocks of 16 around the ancestral sampler; ancestral with nucleus (top-p 0.9)."""
   out = [Setting("ancestral", {"method": "ancestral"})]
   for schedule, eta in (("cap", 0.008), ("rescale", 0.015), ("loop", 0.02), ("conf", 0.02)):
     out.append(Setting(f"remdm-{schedule}", {"method": "remdm", "remask_schedule": schedule,
@@ -63,6 +64,7 @@ def settings() -> list[Setting]:
                                                         "confidence": score,
                                                         "gumbel_temperature": gumbel}))
   out.append(Setting("blocks16-ancestral", {"method": "ancestral", "block_size": 16}))
+  out.append(Setting("ancestral-top_p0.9", {"method": "ancestral", "top_p": 0.9}))
   return out
 
 
@@ -116,7 +118,7 @@ def _defaults() -> dict:
   """The sampler fields a setting may change, at their base() values."""
   s = config_lib.base().sampling
   keys = ("method", "remask_schedule", "eta", "confidence", "gumbel_temperature", "block_size",
-          "tokens_per_step")
+          "tokens_per_step", "top_p")
   return {k: s[k] for k in keys}
 
 
@@ -226,7 +228,8 @@ def plot(rows: list[dict], path: str) -> None:
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   names = sorted({r["setting"] for r in rows if r["model"] not in ("data", "ar")})
-  colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
+  palette = matplotlib.colormaps["tab20"]
+  colours = {n: palette(i % 20) for i, n in enumerate(names)}
   markers = {"md4": "o", "genmd4": "s"}
   for model, marker in markers.items():
     for name in names:
