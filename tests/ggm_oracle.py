@@ -264,28 +264,28 @@ def expected_query_losses(p: np.ndarray, process: GlauberProcess, table: np.ndar
   (-log softmax(l + log u) at the token X_t^i), the network seeing X_t with the Q visited
   positions replaced by the query id; `table` as in `position_table_logits_fn`. Enumerated."""
   vocab_size, seq_len, u = process.vocab_size, process.seq_len, noise_law(process)
-  states = np.array(list(itertools.product(range(vocab_size), repeat=seq_len)))
+  states = np.array(list(itertools.product(range(vocab_size), repeat=seq_len)))  # [S, L]
   first_steps = range(process.num_steps - queries + 1)
   hard = ce = 0.0
   for t in first_steps:
     visits = np.asarray(process.completed_visits(jnp.asarray(t)))
-    keep = [kernel(survival(process, int(c)), u) for c in visits]  # P(X_t^j = z | x_j)
+    # P(X_t = z) = sum_x p(x) prod_j P(X_t^j = z_j | x_j): [S] over z.
+    pair = np.ones((len(states), len(states)))
+    for j, c in enumerate(visits):
+      pair *= kernel(survival(process, int(c)), u)[states[:, None, j], states[None, :, j]]
+    weight = p.reshape(-1) @ pair
     steps = [t + k for k in range(queries)]
-    positions = [s % seq_len for s in steps]
-    for x, px in zip(states, p.reshape(-1), strict=True):
-      for z in states:
-        pz = px * np.prod([keep[j][x[j], z[j]] for j in range(seq_len)])
-        x_in = z.copy()
-        x_in[positions] = vocab_size
-        row = table[t, int(np.ravel_multi_index(x_in, (vocab_size + 1,) * seq_len))]
-        for s, i in zip(steps, positions, strict=True):
-          logits = row[i].astype(np.float64)
-          pi = keep_prob(process, s)
-          for b in range(vocab_size):  # the observed token after the visit
-            signal = pi * (b == z[i])
-            noise = (1.0 - pi) * u[b]
-            hard -= pz * (signal * -np.logaddexp(0.0, -logits[b])
-                          + noise * -np.logaddexp(0.0, logits[b])) / queries
-          shifted = logits + np.log(u)
-          ce -= pz * (shifted[z[i]] - np.logaddexp.reduce(shifted)) / queries
+    x_in = states.copy()
+    x_in[:, [s % seq_len for s in steps]] = vocab_size
+    rows = table[t, np.ravel_multi_index(x_in.T, (vocab_size + 1,) * seq_len)]  # [S, L, V]
+    for s in steps:
+      i, pi = s % seq_len, keep_prob(process, s)
+      logits = rows[:, i].astype(np.float64)  # [S, V] over (z, b)
+      signal = pi * (np.arange(vocab_size) == states[:, i:i + 1])  # the visit keeps z_i = b
+      noise = (1.0 - pi) * u[None, :]  # the visit writes the noise token b
+      per_z = -(signal * -np.logaddexp(0.0, -logits) + noise * -np.logaddexp(0.0, logits))
+      hard += weight @ per_z.sum(axis=1) / queries
+      shifted = logits + np.log(u)
+      log_softmax = shifted - np.logaddexp.reduce(shifted, axis=1, keepdims=True)
+      ce -= weight @ log_softmax[np.arange(len(states)), states[:, i]] / queries
   return {"hard": hard / len(first_steps), "ce": ce / len(first_steps)}

@@ -2,7 +2,6 @@
 query id in the first rows and aux_queries in the rest (the loss itself: tests/test_glauber.py)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from md4 import config_lib, methods
@@ -22,16 +21,22 @@ def test_aux_rows_query_several_visits_and_the_rest_one(monkeypatch):
   def recording(*args, **kw):
     logits_fn = original(*args, **kw)
     def record(x_in, t):
-      seen.append((np.asarray(x_in), kw.get("every_position", False)))
+      seen.append((x_in, kw.get("every_position", False)))
       return logits_fn(x_in, t)
     return record
 
   monkeypatch.setattr(text, "query_head_fn", recording)
   tokens = jax.random.randint(jax.random.key(1), (8, 8), 0, 27)
-  (loss, metrics), grads = jax.value_and_grad(method.loss, has_aux=True)(
-    params, tokens, jax.random.key(2))
+
+  @jax.jit
+  def step(params):  # the recorded network input leaves the traced function as an output
+    (loss, metrics), grads = jax.value_and_grad(method.loss, has_aux=True)(
+      params, tokens, jax.random.key(2))
+    return loss, metrics, grads, seen[0][0]
+
+  loss, metrics, grads, x_in = step(params)
   assert len(seen) == 1 and seen[0][1]  # one call, the head at every position
-  queries = (seen[0][0] == config.vocab_size).sum(axis=1)
+  queries = (np.asarray(x_in) == config.vocab_size).sum(axis=1)
   np.testing.assert_array_equal(queries, [1] * 6 + [3] * 2)
   assert np.isfinite(float(loss)) and np.isfinite(float(metrics["one_visit_loss"]))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
@@ -39,6 +44,7 @@ def test_aux_rows_query_several_visits_and_the_rest_one(monkeypatch):
   config.ggm.aux_queries = 0
   seen.clear()
   plain = methods.create(config, config.vocab_size)
-  loss, metrics = plain.loss(params, tokens, jax.random.key(2))
+  loss, metrics, x_in = jax.jit(lambda p: (*plain.loss(p, tokens, jax.random.key(2)),
+                                           seen[0][0]))(params)
   assert set(metrics) == {"loss"} and not seen[0][1]
-  assert (jnp.asarray(seen[0][0]) == config.vocab_size).sum(axis=1).tolist() == [1] * 8
+  assert (np.asarray(x_in) == config.vocab_size).sum(axis=1).tolist() == [1] * 8
