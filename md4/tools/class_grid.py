@@ -21,6 +21,7 @@ import numpy as np
 
 from md4 import config_lib
 from md4.data.images import image_grid, save_png
+from md4.methods.image import PIXEL_VALUES
 from md4.training.checkpoints import CheckpointError
 from md4.training.run import load_for_inference
 
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images, passes = draw(jax.random.key(args.seed + i))
     blocks.append(np.asarray(images))
     print(f"guidance {scale:g}: {int(passes)} network passes per sample", flush=True)
-  save_png(side_by_side(blocks, 255, args.per_class), args.out)
+  save_png(side_by_side(blocks, PIXEL_VALUES - 1, args.per_class), args.out)
   print(f"wrote {args.out}: {classes} classes (rows) x {len(scales)} scales x {args.per_class}, "
         f"checkpoint step {step}, {config.sampling.num_steps} sampler steps")
   return 0
