@@ -145,10 +145,17 @@ def main(argv: list[str]) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a bad config override (unknown key, wrong type) as one error line."""
+  from md4 import config_lib
+
   for arg in argv[1:]:
     # ml_collections prints a traceback for a missing config file; say it in one line instead.
     if arg.startswith("--config=") and not os.path.exists(arg[len("--config="):].split(":")[0]):
       print(f"error: config file not found: {arg[len('--config='):]}", file=sys.stderr)
+      sys.exit(2)
+    field = arg[len("--config."):].split("=")[0] if arg.startswith("--config.") else ""
+    if field in config_lib.REMOVED_FIELDS:
+      print(f"error: config.{field} was removed: {config_lib.REMOVED_FIELDS[field]}",
+            file=sys.stderr)
       sys.exit(2)
   try:
     return FLAGS(argv)

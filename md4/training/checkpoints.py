@@ -69,29 +69,47 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointSave(data_iterator))
     self._manager.save(step, args=args, force=True)
 
-  def restore(self, abstract_state: Any, step: int, data_iterator: Any = None) -> Any:
+  def restore(self, abstract_state: Any, step: int, data_iterator: Any = None, *,
+              partial: bool = False) -> Any:
     """Checkpoint `step` in the structure, shapes and shardings of `abstract_state`; with
-    `data_iterator`, that iterator is also set to its saved position."""
+    `data_iterator`, that iterator is also set to its saved position. `partial` reads only the
+    parts `abstract_state` names (eval and sample read the weights, not the optimizer's state)."""
+    if partial:
+      return ocp.PyTreeCheckpointer().restore(
+          self.directory / str(step) / "state",
+          args=ocp.args.PyTreeRestore(
+              item=abstract_state, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
-                     ) -> tuple[int, Any] | None:
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None, *,
+                     partial: bool = False) -> tuple[int, Any] | None:
     """(step, state) of the newest readable checkpoint; None if there is none at all.
 
     A checkpoint that cannot be read is skipped in favour of the previous one. Unless read-only,
     the skipped ones are then moved to `<checkpoints>/unreadable/` (kept for inspection, out of
-    the way of the steps that will be saved again). If none can be read, nothing is moved.
+    the way of the steps that will be saved again). If none can be read, nothing is moved. A
+    checkpoint whose train state has another structure (another optimizer, or an earlier
+    release's) is not unreadable: it stops the restore with a CheckpointError naming the parts.
     """
     steps, skipped = self.all_steps(), []
     for step in reversed(steps):
       try:
-        state = self.restore(abstract_state, step, data_iterator)
+        state = self.restore(abstract_state, step, data_iterator, partial=partial)
       except Exception as e:  # noqa: BLE001 - any failure to read means "unusable checkpoint"
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        skipped.append((step, reason))
+        lines = str(e).splitlines() or [""]
+        if "tree structures do not match" in lines[0]:
+          parts = [ln[:-1] for ln in lines[1:] if ln.endswith(":") and not ln[0].isspace()]
+          raise CheckpointError(
+              f"the checkpoint at step {step} in {self.directory} holds a train state whose "
+              f"{', '.join(parts) or 'structure'} differs from this run's (another optimizer or "
+              "model, or an earlier release: md4's own Muon became optax.contrib.muon); eval and "
+              "sample read its weights, but training resumes it only with the settings and "
+              "release that wrote it") from None
+        skipped.append((step, f"{type(e).__name__}: {lines[0]}"))
         continue
       for bad, reason in skipped:
         self._set_aside(bad, reason, step)

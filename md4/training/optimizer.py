@@ -10,9 +10,6 @@ import jax
 import ml_collections
 import optax
 
-from md4.networks import DTYPES
-from md4.training import muon
-
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
   """AdamW (or Muon on the blocks' matrices) with linear warm-up, then cosine, linear or no
@@ -28,14 +25,21 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
                                optax.linear_schedule(o.lr, end, decay_steps - o.warmup_steps)],
                               [o.warmup_steps])
   decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)  # no decay on norms, biases
+  adamw = functools.partial(optax.adamw, lr, b1=o.b1, b2=o.b2, eps=1e-8,
+                            weight_decay=o.weight_decay, mask=decay_mask)
   if o.name == "muon":
     muon_lr = lambda step: lr(step) * (o.muon_lr / o.lr)  # the same warm-up and decay
-    opt = muon.muon(muon_lr, lr, _block_matrices, beta=o.muon_beta, b1=o.b1, b2=o.b2,
-                    weight_decay=o.weight_decay, decay_mask=decay_mask, ns_steps=o.muon_ns_steps,
-                    operand_dtype=DTYPES[o.muon_matmul_dtype] if o.muon_matmul_dtype else None)
+    # optax's Muon sees only the blocks' matrices (every leaf it gets is 2-D, so its own AdamW
+    # part gets none); the rest is masked AdamW, so norms and biases are not decayed.
+    labels = lambda params: jax.tree.map(lambda m: "muon" if m else "adam",
+                                         _block_matrices(params))
+    opt = optax.partition({
+        "muon": optax.contrib.muon(muon_lr, ns_steps=o.muon_ns_steps, beta=o.muon_beta,
+                                   weight_decay=o.weight_decay, nesterov=True),
+        "adam": adamw(nesterov=True),
+    }, labels)
   else:
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
-                      mask=decay_mask)
+    opt = adamw()
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
                    opt)
   return tx, lr

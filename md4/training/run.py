@@ -215,7 +215,8 @@ def unigram_noise_law(data: Any, workdir: str, vocab_size: int, *, write: bool) 
 
 def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
                        with_data: bool = True) -> tuple[Run, dict, int]:
-  """(run, state, step) of the newest readable checkpoint in workdir.
+  """(run, state, step) of the newest readable checkpoint in workdir: its step, params and EMA
+  (the optimizer's state is not read).
 
   The restore depends on the config's model only, so `config.data` may name any dataset with
   the same vocabulary (zero-shot evaluation); `with_data=False` reads no data at all.
@@ -226,7 +227,8 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
   if not checkpoints.has_checkpoints(directory):  # before anything is read or written
     raise missing
   run = Run(config, workdir, with_data=with_data, read_only=True)
-  restored = run.checkpointer.restore_latest(run.abstract_state)
+  weights = {k: v for k, v in run.abstract_state.items() if k != "opt_state"}
+  restored = run.checkpointer.restore_latest(weights, partial=True)
   if restored is None:
     raise missing
   step, state = restored

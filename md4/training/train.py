@@ -48,8 +48,8 @@ def _train(run: Run, changes: dict) -> dict:
   config, workdir, t = run.config, run.workdir, run.config.training
   tokenizer = getattr(run.data, "tokenizer", None)
   reference = load_reference(config, tokenizer) if config.sampling.every else None
-  config_lib.save(config, workdir)
   state, start = run.restore_or_init()
+  config_lib.save(config, workdir)  # after the restore: a refused resume leaves config.json as is
   is_writer = jax.process_index() == 0
   if is_writer and (moved := metric_writers.drop_after(workdir, start)):
     logging.info("moved %d metrics records after step %d to %s", moved, start,
