@@ -42,8 +42,9 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       dataset="text_files",  # text8 | text_files | owt | tfds
-      tokenizer="char",      # char | bpe | gpt2
-      tokenizer_path="",     # gpt2: its ranks file; bpe: merges file (read, or learned and written)
+      tokenizer="char",      # char | bpe | byte_bpe | gpt2
+      tokenizer_path="",     # gpt2: its ranks file; bpe, byte_bpe: tokenizer.json (read, or
+                             # learned and written)
       path="data/shakespeare",  # the dataset's file or directory (tfds: its data_dir)
       holdout_fraction=0.1,  # text_files: the last fraction of the corpus is held out
       eval_split="valid",    # text8: valid | test

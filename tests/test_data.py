@@ -70,7 +70,8 @@ def test_gpt2_tokenizer():
 
 
 def test_get_tokenizer_unknown():
-  with pytest.raises(ValueError, match=r"Unknown tokenizer 'wordpiece'; known: \['bpe', 'char', "):
+  with pytest.raises(ValueError,
+                     match=r"Unknown tokenizer 'wordpiece'; known: \['bpe', 'byte_bpe', 'char', "):
     tokenizers.get_tokenizer("wordpiece")
 
 
@@ -149,7 +150,7 @@ def test_bpe_pipeline_learns_on_the_training_split_only(corpus, tmp_path):
   assert ds.tokenizer.merges == tokenizers.BPETokenizer.learn(text[:cut], 60).merges
   assert ds.vocab_size == 60 and tokenizers.BPETokenizer.load(file).merges == ds.tokenizer.merges
   train_tokens = ds.tokenizer.encode(text[:cut])
-  assert ds.info["train_chars_per_token"] == pytest.approx(cut / len(train_tokens))
+  assert ds.info["train_units_per_token"] == pytest.approx(cut / len(train_tokens))
   chunks = pipeline.TokenChunks(train_tokens, 16)
   rows = np.concatenate(_take(ds.train, len(chunks) // 8))
   train_rows = {bytes(r.astype(np.uint8)) for r in rows}

@@ -70,7 +70,7 @@ def test_bits_per_char_are_total_bits_over_total_characters():
   @jax.jit
   def step(params, batch, rng):
     out = oracle_eval_step(params, batch, rng)
-    return {**out, evaluate.CHARS: lengths[batch["tokens"]].sum(-1)}
+    return {**out, evaluate.UNITS: lengths[batch["tokens"]].sum(-1)}
 
   kw = dict(mesh=MESH, rng=jax.random.key(0), num_batches=0, likelihood_metrics=("nelbo",))
   report = evaluate.held_out(step, None, batches, **kw)
@@ -82,7 +82,7 @@ def test_bits_per_char_are_total_bits_over_total_characters():
   assert report["bits_per_char"] != pytest.approx(report["bits_per_token"], 1e-2)
   assert "chars" not in report
   # One character per token: the same numbers and standard errors as per token.
-  per_char = evaluate.bits_per_char(nats, np.full(len(nats), L))
+  per_char = evaluate.bits_per_unit(nats, np.full(len(nats), L))
   assert per_char["bits_per_char"] == pytest.approx(report["bits_per_token"], 1e-5)
   assert per_char["bits_per_char_se"] == pytest.approx(report["bits_per_token_se"], 1e-5)
   # The ratio's standard error against the spread of bootstrap resamples of the examples.

@@ -152,6 +152,27 @@ def test_learned_bpe_tokenizer_is_kept_with_the_run(tmp_path, corpus):
 
 
 @pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
+def test_byte_bpe_trains_on_raw_text_and_reports_bits_per_byte(tmp_path, corpus):
+  workdir = str(tmp_path / "run")
+  common = [f"--config.data.path={corpus}", *TINY, "--config.data.tokenizer=byte_bpe",
+            "--config.vocab_size=300"]
+  train = main_py(workdir, *common, "--config.training.num_steps=10",
+                  "--config.training.log_every=10", "--config.training.eval_every=10",
+                  "--config.sampling.every=0")
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert len(json.load(open(os.path.join(workdir, "tokenizer.json")))["model"]["merges"]) == 44
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  evals = [r for r in records if r["split"] == "eval"]
+  assert evals and all("bits_per_char" not in r and r["bits_per_byte_se"] > 0
+                       and 1.2 < r["bits_per_token"] / r["bits_per_byte"] < 3 for r in evals)
+  assert "bits_per_byte" in next(r for r in records if r["split"] == "train")
+  sampled = main_py(workdir, *common, "--mode=sample", "--prompt=KING. Speak,")
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  text = open(os.path.join(workdir, "samples", "final_step_10.txt")).read()
+  assert all(s.startswith("KING. Speak,") for s in text.rstrip("\n").split("\n\n"))
+
+
+@pytest.mark.slow  # compile-heavy or end to end (docs/testing.md)
 def test_ggm_unigram_noise_and_nelbo(tmp_path, corpus):
   """GGM with the paper's choices (K = 4, unigram noise): the noise law is counted once from the
   training split and saved; eval lines, --mode=eval and sampling read it; eval reports bits."""

@@ -8,9 +8,10 @@ state is a small JSON dict (`get_state()` / `set_state()`), saved with the check
 
 data_config fields:
   dataset: "text8" | "text_files" | "owt" | "tfds"
-  tokenizer: "char" | "bpe" | "gpt2" (owt needs "gpt2"; tokenizer_path: optional GPT-2 ranks
-             file, or the bpe tokenizer.json: read if it exists, else learned from the training
-             split, vocab_size tokens, and written there)
+  tokenizer: "char" | "bpe" | "byte_bpe" | "gpt2" (owt needs "gpt2"; tokenizer_path: optional
+             GPT-2 ranks file, or the bpe / byte_bpe tokenizer.json: read if it exists, else
+             learned from the training split, vocab_size tokens, and written there; char and bpe
+             clean the text to the text8 alphabet, byte_bpe reads it raw)
   path: text8 file/zip; text file, directory or glob; OWT shard directory; tfds data_dir
   eval_split: text8 held-out split, "valid" (default) or "test"
   holdout_fraction: text_files, the LAST fraction of the corpus is held out (default 0.1)
@@ -91,10 +92,10 @@ def _check_text(text: str, path: str) -> None:
                      "characters are NUL bytes or not UTF-8")
 
 
-def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
+def _text_splits(cfg, alphabet: bool, joined: bool) -> tuple[Any, Any, str]:
   """(train, held-out, description) for the text datasets: strings, or for GPT-2 on tfds lists
   of documents. With `alphabet` (char and bpe) the text is cleaned to the text8 alphabet and
-  documents are joined by spaces."""
+  documents are joined by spaces; else with `joined` (byte_bpe) by blank lines."""
   dataset = cfg.get("dataset")
   path = cfg.get("path")
   if dataset == "text8":
@@ -128,7 +129,9 @@ def _text_splits(cfg, alphabet: bool) -> tuple[Any, Any, str]:
   for split in (cfg.get("tfds_train_split", "train"), cfg.get("tfds_eval_split", "validation")):
     source = tfds.data_source(name, split=split, data_dir=path)
     texts = [r[key].decode("utf-8") if isinstance(r[key], bytes) else str(r[key]) for r in source]
-    splits.append(" ".join(corpora.clean_text8(t) for t in texts) if alphabet else texts)
+    if alphabet:
+      texts = " ".join(corpora.clean_text8(t) for t in texts)
+    splits.append("\n\n".join(texts) if joined and not alphabet else texts)
   return splits[0], splits[1], f"tfds {name}"
 
 
@@ -136,21 +139,21 @@ def _text_tokenizer(cfg, train_text: Any, vocab_size: int | None, tokenizer_file
                     process_index: int) -> tuple[tokenizers.Tokenizer, np.ndarray | None]:
   """The config's tokenizer, and the training text's ids when learning it produced them.
 
-  `bpe` is read from data.tokenizer_path (else `tokenizer_file`) if that file exists, else
-  learned from the training text and written there (process 0).
+  `bpe` and `byte_bpe` are read from data.tokenizer_path (else `tokenizer_file`) if that file
+  exists, else learned from the training text and written there (process 0).
   """
   name = cfg.get("tokenizer", "char")
   if name == "gpt2":
     return tokenizers.get_tokenizer("gpt2", ranks_path=cfg.get("tokenizer_path")), None
-  if name != "bpe":
+  if name not in tokenizers.LEARNED:
     return tokenizers.get_tokenizer(name), None
   path = cfg.get("tokenizer_path") or tokenizer_file
   if path and epath.Path(path).is_file():
     with _local_file(path, read=True) as local:
-      return tokenizers.get_tokenizer("bpe", path=local), None
+      return tokenizers.get_tokenizer(name, path=local), None
   if not vocab_size:
-    raise ValueError("learning a bpe tokenizer needs its vocabulary size (vocab_size)")
-  tokenizer, train_ids = tokenizers.BPETokenizer.learn_encoding(train_text, vocab_size)
+    raise ValueError(f"learning a {name} tokenizer needs its vocabulary size (vocab_size)")
+  tokenizer, train_ids = tokenizers.LEARNED[name].learn_encoding(train_text, vocab_size)
   if path and process_index == 0:
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     with _local_file(path) as local:
@@ -239,8 +242,8 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
     seed: shuffling seed (each epoch is reshuffled deterministically from it).
     process_index, process_count: this host's place among the data-loading processes.
     eval_batch_size: global held-out batch size (default batch_size); the ragged tail is dropped.
-    vocab_size: the size of a bpe vocabulary to learn.
-    tokenizer_file: where a learned bpe tokenizer is kept when data.tokenizer_path is unset.
+    vocab_size: the size of a bpe or byte_bpe vocabulary to learn.
+    tokenizer_file: where a learned tokenizer is kept when data.tokenizer_path is unset.
   """
   dataset = data_config.get("dataset")
   if dataset not in KNOWN_DATASETS:
@@ -252,14 +255,15 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
 
   info = {}
   if dataset == "owt":
-    if tok_name == "bpe":
-      raise ValueError("data.tokenizer=bpe is for text8, text_files and tfds; OWT shards hold "
-                       "GPT-2 tokens (data.tokenizer=gpt2)")
+    if tok_name in tokenizers.LEARNED:
+      raise ValueError(f"data.tokenizer={tok_name} is for text8, text_files and tfds; OWT shards "
+                       "hold GPT-2 tokens (data.tokenizer=gpt2)")
     tokenizer, _ = _text_tokenizer(data_config, None, None, None, process_index)
     train_src, eval_src, desc = _owt_sources(data_config, tokenizer, seq_len)
   else:
     alphabet = tok_name in ("char", "bpe")
-    train_text, eval_text, desc = _text_splits(data_config, alphabet)
+    train_text, eval_text, desc = _text_splits(data_config, alphabet,
+                                               joined=tok_name == "byte_bpe")
     tokenizer, learned_ids = _text_tokenizer(data_config, train_text, vocab_size,
                                              tokenizer_file, process_index)
     def stream(text: Any) -> np.ndarray:
@@ -269,8 +273,9 @@ def create_datasets(data_config, *, seq_len: int, batch_size: int, seed: int,
     train_stream = (stream(train_text) if learned_ids is None  # learning encoded it already
                     else _compact(learned_ids, tokenizer.vocab_size))
     eval_stream = stream(eval_text)
-    if alphabet and len(train_stream):
-      info["train_chars_per_token"] = len(train_text) / len(train_stream)
+    lengths = getattr(tokenizer, "token_lengths", None)  # characters or bytes per id
+    if lengths is not None and len(train_stream):
+      info["train_units_per_token"] = float(lengths[train_stream].sum()) / len(train_stream)
     for split, stream in (("training", train_stream), ("held-out", eval_stream)):
       if len(stream) < seq_len:
         raise ValueError(

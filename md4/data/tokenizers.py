@@ -1,10 +1,11 @@
-"""Tokenizers: text8 characters (27 ids), byte-pair merges learned over the text8 alphabet
-(`bpe`, any vocabulary size above 27, through Hugging Face `tokenizers`) and GPT-2 byte-level BPE
-(50257 ids, through tiktoken).
+"""Tokenizers: text8 characters (27 ids), byte-pair merges learned from a run's text, over the
+text8 alphabet (`bpe`, any vocabulary size above 27) or over the bytes of raw text (`byte_bpe`,
+above 256), both through Hugging Face `tokenizers`, and GPT-2's BPE (50257 ids, through tiktoken).
 
-All expose `encode(str) -> int32[N]`, `decode(ids) -> str` and `vocab_size`; the first two also
-`token_lengths` (characters per id, for bits per character). Ids outside the vocabulary (the
-diffusion mask id `V`, for example) decode to a visible placeholder.
+All expose `encode(str) -> int32[N]`, `decode(ids) -> str` and `vocab_size`; all but GPT-2's also
+`token_lengths` (the `unit`s, characters or bytes, each id spells: bits per character or byte).
+Ids outside the vocabulary (the diffusion mask id `V`, for example) decode to a visible
+placeholder.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import regex
 import tokenizers as hf_tokenizers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -34,6 +37,7 @@ class CharTokenizer:
 
   alphabet = "abcdefghijklmnopqrstuvwxyz "
   vocab_size = 27
+  unit = "char"
   placeholder = "_"
 
   def __init__(self):
@@ -82,12 +86,33 @@ def _pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
     start = cut
 
 
-def _words_tokenizer(model: hf_tokenizers.models.Model) -> hf_tokenizers.Tokenizer:
-  """A Hugging Face tokenizer of `model` that splits text into words before each space."""
-  tokenizer = hf_tokenizers.Tokenizer(model)
-  tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.Split(" ", "merged_with_next")
-  tokenizer.decoder = hf_tokenizers.decoders.Fuse()
-  return tokenizer
+# The pattern of Hugging Face's ByteLevel pre-tokenizer (GPT-2's, with its contractions spelled
+# out), for `regex`: splitting a text with it first lets encode meet each distinct word once.
+_GPT2_WORDS = regex.compile(
+  r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# A space between two characters that are not whitespace: GPT-2's pre-tokenisation pattern always
+# ends a piece before it (the space starts the next one), so text cut there splits the same way.
+_WORD_START = re.compile(r"(?<=\S) (?=\S)")
+
+
+def _byte_pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
+  """Raw text in pieces of about `size` characters, each cut at a `_WORD_START` space."""
+  start = 0
+  while start < len(text):
+    found = _WORD_START.search(text, start + size)
+    cut = found.start() if found else len(text)
+    yield text[start:cut]
+    start = cut
+
+
+def byte_symbols() -> list[str]:
+  """GPT-2's byte-level alphabet, as Hugging Face's ByteLevel pre-tokenizer writes bytes: byte b
+  is one printable character, itself for the printable Latin-1 bytes, else chr(256 + k) for the
+  k-th of the others."""
+  printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)}
+  others = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
 class BPETokenizer:
@@ -101,12 +126,15 @@ class BPETokenizer:
   the merges in order. `save` writes a standard tokenizer.json.
   """
 
+  base: Sequence[str] = CharTokenizer.alphabet  # the pieces of ids 0, 1, ...
+  base_name = "the 27 characters"
+  alphabet_name = "the text8 alphabet"
+  unit = "char"  # what token_lengths count
   placeholder = "_"
 
   def __init__(self, merges: Sequence[tuple[int, int]]):
-    self.chars = CharTokenizer()
     self.merges = [(int(a), int(b)) for a, b in merges]
-    pieces = list(CharTokenizer.alphabet)
+    pieces = list(self.base)
     ids = {p: i for i, p in enumerate(pieces)}
     for a, b in self.merges:
       if not (0 <= a < len(pieces) and 0 <= b < len(pieces)):
@@ -116,14 +144,24 @@ class BPETokenizer:
         pieces.append(pieces[a] + pieces[b])
     self.pieces = pieces
     self.vocab_size = len(pieces)
-    self.token_lengths = np.array([len(p) for p in pieces], np.int32)
-    self.hf = _words_tokenizer(hf_tokenizers.models.BPE(
+    self.token_lengths = np.array([len(p) for p in pieces], np.int32)  # a symbol is one unit
+    self.hf = self._hf(hf_tokenizers.models.BPE(
       vocab=ids, merges=[(pieces[a], pieces[b]) for a, b in self.merges]))
+
+  @staticmethod
+  def _hf(model: hf_tokenizers.models.Model) -> hf_tokenizers.Tokenizer:
+    """A Hugging Face tokenizer of `model` that splits text into words before each space."""
+    tokenizer = hf_tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.Split(" ", "merged_with_next")
+    tokenizer.decoder = hf_tokenizers.decoders.Fuse()
+    return tokenizer
+
+  _training_pieces = staticmethod(_pieces)
 
   @classmethod
   def _from_string_merges(cls, merges: Sequence[Sequence[str]]) -> BPETokenizer:
     """The tokenizer of merges given as pairs of pieces (tokenizer.json's form)."""
-    ids = {c: i for i, c in enumerate(CharTokenizer.alphabet)}
+    ids = {c: i for i, c in enumerate(cls.base)}
     pairs = []
     for a, b in merges:
       if a not in ids or b not in ids:
@@ -134,16 +172,14 @@ class BPETokenizer:
 
   @classmethod
   def learn(cls, text: str, vocab_size: int) -> BPETokenizer:
-    """Learns merges from text8-alphabet text until there are vocab_size ids."""
-    base = CharTokenizer.vocab_size
-    if vocab_size <= base:
-      raise ValueError(f"a BPE vocabulary must be larger than the {base} characters, "
-                       f"got {vocab_size}")
-    hf = _words_tokenizer(hf_tokenizers.models.BPE())
+    """Learns merges from the text until there are vocab_size ids."""
+    if vocab_size <= len(cls.base):
+      raise ValueError(f"a BPE vocabulary must be larger than {cls.base_name}, got {vocab_size}")
+    hf = cls._hf(hf_tokenizers.models.BPE())
     trainer = hf_tokenizers.trainers.BpeTrainer(
       vocab_size=vocab_size, min_frequency=2, special_tokens=[],
-      initial_alphabet=list(CharTokenizer.alphabet), show_progress=False)
-    hf.train_from_iterator(_pieces(text), trainer)
+      initial_alphabet=list(cls.base), show_progress=False)
+    hf.train_from_iterator(cls._training_pieces(text), trainer)
     learned = cls._from_string_merges(json.loads(hf.to_str())["model"]["merges"])
     if learned.vocab_size < vocab_size:
       raise ValueError(f"the text has too few repeated pairs for a {vocab_size}-token BPE "
@@ -158,7 +194,7 @@ class BPETokenizer:
 
   @classmethod
   def load(cls, path: str) -> BPETokenizer:
-    """A tokenizer saved by `save` (a tokenizer.json over the text8 alphabet)."""
+    """A tokenizer saved by `save` (a tokenizer.json over this class's base pieces)."""
     with open(path) as f:
       try:
         saved = json.load(f)
@@ -168,13 +204,16 @@ class BPETokenizer:
       raise ValueError(OLD_FORMAT.format(path=path))
     model = saved.get("model") if isinstance(saved, dict) else None
     vocab = model.get("vocab") if isinstance(model, dict) else None
+    expected = json.loads(cls([]).hf.to_str())["pre_tokenizer"]
+    not_ours = ValueError(f"{path} is not a BPE tokenizer file over {cls.alphabet_name}")
     if (not isinstance(vocab, dict) or model.get("type") != "BPE" or "merges" not in model
-        or [vocab.get(c) for c in CharTokenizer.alphabet] != list(range(CharTokenizer.vocab_size))):
-      raise ValueError(f"{path} is not a BPE tokenizer file over the text8 alphabet")
+        or saved.get("pre_tokenizer") != expected
+        or [vocab.get(c) for c in cls.base] != list(range(len(cls.base)))):
+      raise not_ours
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     tokenizer = cls._from_string_merges(merges)
     if tokenizer.pieces != sorted(vocab, key=vocab.get):
-      raise ValueError(f"{path} is not a BPE tokenizer file over the text8 alphabet")
+      raise not_ours
     return tokenizer
 
   def save(self, path: str) -> None:
@@ -183,20 +222,31 @@ class BPETokenizer:
     self.hf.save(tmp)
     os.replace(tmp, path)
 
+  @staticmethod
+  def _words(text: str) -> Iterator[list]:
+    """The text's words, a list per piece of text: " " + w keyed by w, the first word by (w,)."""
+    for piece in _pieces(text):
+      words: list = piece.split(" ")  # each piece but the text's first starts with a space
+      words[:1] = [(words[0],)] if words[0] else []
+      yield words
+
+  @staticmethod
+  def _word_text(word) -> str:
+    """The text a key of `_words` stands for."""
+    return word[0] if isinstance(word, tuple) else " " + word
+
   def encode(self, text: str) -> np.ndarray:
     """Encodes text8-alphabet text to int32[N]; any other character is a ValueError.
 
     `tokenizers` encodes each distinct word once; the text's ids are gathered from those.
     """
-    index: dict = {}  # word -> its number; " " + w is keyed by w, the text's first word by (w,)
+    index: dict = {}  # word -> its number
     occurrences = [np.zeros(0, np.int64)]
-    for piece in _pieces(text):
-      words: list = piece.split(" ")  # each piece but the text's first starts with a space
-      words[:1] = [(words[0],)] if words[0] else []
+    for words in self._words(text):
       for w in dict.fromkeys(words):
         index.setdefault(w, len(index))
       occurrences.append(np.fromiter(map(index.__getitem__, words), np.int64, len(words)))
-    encoded = self.hf.encode_batch_fast([w[0] if isinstance(w, tuple) else " " + w for w in index],
+    encoded = self.hf.encode_batch_fast([self._word_text(w) for w in index],
                                         add_special_tokens=False)
     lengths = np.array([len(e.ids) for e in encoded], np.int64)
     flat = np.array([i for e in encoded for i in e.ids], np.int32)
@@ -208,6 +258,61 @@ class BPETokenizer:
     """Decodes ids; ids outside the vocabulary (e.g. the mask id) become '_'."""
     return "".join(self.pieces[i] if 0 <= i < self.vocab_size else self.placeholder
                    for i in np.asarray(ids, np.int64).reshape(-1).tolist())
+
+
+class ByteBPETokenizer(BPETokenizer):
+  """Byte-pair merges over the 256 bytes of raw UTF-8 text, through Hugging Face `tokenizers`:
+  id b < 256 is byte b, later ids the merged pieces in the order they were first made.
+
+  Text is split as GPT-2 splits it (letters, digits and other runs, each with the space before it)
+  and a merge never spans two such pieces; nothing is cleaned, any text is encoded, and
+  token_lengths count bytes (bits per byte). `save` writes a standard byte-level tokenizer.json.
+  """
+
+  base = byte_symbols()
+  base_name = "the 256 bytes"
+  alphabet_name = "bytes"
+  unit = "byte"
+  placeholder = "[MASK]"
+
+  def __init__(self, merges: Sequence[tuple[int, int]]):
+    super().__init__(merges)
+    byte_of = {c: b for b, c in enumerate(self.base)}
+    self.piece_bytes = [bytes(byte_of[c] for c in p) for p in self.pieces]
+
+  @staticmethod
+  def _hf(model: hf_tokenizers.models.Model) -> hf_tokenizers.Tokenizer:
+    """A Hugging Face byte-level tokenizer of `model` (GPT-2's pre-tokenisation)."""
+    tokenizer = hf_tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                     use_regex=True)
+    tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
+    return tokenizer
+
+  _training_pieces = staticmethod(_byte_pieces)
+
+  @staticmethod
+  def _words(text: str) -> Iterator[list]:
+    """The text's pieces under GPT-2's pre-tokenisation pattern, a list per piece of text (any
+    text: encode reads raw text)."""
+    for piece in _byte_pieces(text):
+      yield _GPT2_WORDS.findall(piece)
+
+  @staticmethod
+  def _word_text(word) -> str:
+    return word
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Decodes ids; ids outside the vocabulary (e.g. the mask id) become '[MASK]', and bytes that
+    do not form UTF-8 (a cut character) the replacement character."""
+    out, run = [], []
+    for i in np.asarray(ids, np.int64).reshape(-1).tolist():
+      if 0 <= i < self.vocab_size:
+        run.append(self.piece_bytes[i])
+        continue
+      out += [b"".join(run).decode("utf-8", "replace"), self.placeholder]
+      run = []
+    return "".join([*out, b"".join(run).decode("utf-8", "replace")])
 
 
 def _find_gpt2_ranks(ranks_path: str | None) -> pathlib.Path | None:
@@ -275,13 +380,15 @@ class GPT2Tokenizer:
     return "".join(pieces)
 
 
-TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer.load, "gpt2": GPT2Tokenizer}
-Tokenizer = CharTokenizer | BPETokenizer | GPT2Tokenizer
+TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer.load, "byte_bpe": ByteBPETokenizer.load,
+              "gpt2": GPT2Tokenizer}
+LEARNED = {"bpe": BPETokenizer, "byte_bpe": ByteBPETokenizer}  # learned from a run's own text
+Tokenizer = CharTokenizer | BPETokenizer | ByteBPETokenizer | GPT2Tokenizer
 
 
 def get_tokenizer(name: str, **kw) -> Tokenizer:
-  """The tokenizer registered under `name`: "char", "gpt2" (ranks_path=...) or "bpe" (a file
-  saved by BPETokenizer.save as path=...)."""
+  """The tokenizer registered under `name`: "char", "gpt2" (ranks_path=...), or "bpe" or
+  "byte_bpe" (a file saved by `save`, as path=...)."""
   if name not in TOKENIZERS:
     raise ValueError(f"Unknown tokenizer {name!r}; known: {sorted(TOKENIZERS)}")
   return TOKENIZERS[name](**kw)

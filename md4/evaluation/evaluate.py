@@ -21,21 +21,23 @@ def likelihood_report(nats_per_token: float) -> dict[str, float]:
           "ppl": math.exp(min(nats_per_token, 700.0))}
 
 
-CHARS = "chars"  # the per-example character count an eval step may return beside its metrics
+UNITS = "units"  # the per-example count of characters (or bytes) an eval step may return
 
 
-def bits_per_char(nats: np.ndarray, chars: np.ndarray) -> dict[str, float]:
-  """Total bits over total characters of examples with `nats` float[N] and `chars` int[N], with
-  the standard error of this ratio estimator over examples."""
-  ratio = nats.sum() / chars.sum()
-  residual = nats - ratio * chars
-  se = math.sqrt((residual ** 2).sum() / (len(nats) * (len(nats) - 1))) / chars.mean()
-  return {"bits_per_char": float(ratio / math.log(2)), "bits_per_char_se": float(se / math.log(2))}
+def bits_per_unit(nats: np.ndarray, units: np.ndarray, unit: str = "char") -> dict[str, float]:
+  """Total bits over total characters (or bytes: `unit`) of examples with `nats` float[N] and
+  `units` int[N], with the standard error of this ratio estimator over examples; keys
+  bits_per_{unit} and bits_per_{unit}_se."""
+  ratio = nats.sum() / units.sum()
+  residual = nats - ratio * units
+  se = math.sqrt((residual ** 2).sum() / (len(nats) * (len(nats) - 1))) / units.mean()
+  return {f"bits_per_{unit}": float(ratio / math.log(2)),
+          f"bits_per_{unit}_se": float(se / math.log(2))}
 
 
 def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, *,
              rng: jax.Array, num_batches: int, likelihood_metrics: tuple[str, ...],
-             time_samples: int = 1) -> dict[str, float]:
+             time_samples: int = 1, unit: str = "char") -> dict[str, float]:
   """Means of the method's per-example metrics over `num_batches` held-out batches.
 
   Each example is evaluated with `time_samples` independent draws of the method's randomness
@@ -43,9 +45,9 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
   Metrics named in `likelihood_metrics` are nats per example; they are reported per token (per
   dimension for images), as bits per token and perplexity, with the standard error of the bits
   per token over examples (which shrinks as time_samples removes Monte Carlo noise). When the
-  eval step also returns each example's character count (`CHARS`), bits per character are the
-  total bits over the total characters. Keys are fixed (fold_in of `rng` with the batch index
-  and the draw), so repeated calls agree exactly.
+  eval step also returns each example's count of characters or bytes (`UNITS`; `unit` names
+  them), bits per character (or byte) are the total bits over the total count. Keys are fixed
+  (fold_in of `rng` with the batch index and the draw), so repeated calls agree exactly.
   """
   values: dict[str, list[np.ndarray]] = {}
   count = dims = 0
@@ -65,7 +67,7 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
     raise ValueError("the held-out split yielded no batch; lower eval.batch_size or seq_len")
   report: dict[str, float] = {"eval_examples": sum(len(v) for v in next(iter(values.values()))),
                               "time_samples": time_samples}
-  chars = np.concatenate(values.pop(CHARS)) if CHARS in values else None
+  units = np.concatenate(values.pop(UNITS)) if UNITS in values else None
   for k, chunks in values.items():
     v = np.concatenate(chunks)
     if k in likelihood_metrics:
@@ -73,8 +75,8 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
       report["loss"] = float(per_token.mean())
       report.update(likelihood_report(report["loss"]))
       report["bits_per_token_se"] = float(per_token.std(ddof=1) / math.sqrt(len(v)) / math.log(2))
-      if chars is not None:
-        report.update(bits_per_char(v, chars))
+      if units is not None:
+        report.update(bits_per_unit(v, units, unit))
     else:
       report[k] = float(v.mean())
   return report

@@ -15,19 +15,24 @@ import tqdm
 
 from md4 import config_lib
 from md4.data import IMAGE_DATASETS
-from md4.data.tokenizers import BPETokenizer, GPT2Tokenizer
+from md4.data.tokenizers import GPT2Tokenizer
 from md4.networks import gpt2
 from md4.training.run import TOKENIZER_FILE, load_for_inference
 
 
 def check_reference_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
-  """A learned (bpe) `tokenizer` must be the one the reference AR run was trained with."""
+  """A learned (bpe, byte_bpe) `tokenizer` must be the one the reference AR run was trained
+  with."""
   workdir = config.eval.reference_workdir
   if not workdir or getattr(tokenizer, "merges", None) is None:
     return
   saved = config_lib.load(workdir).data.get("tokenizer_path")
   path = saved or os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.isfile(path) or BPETokenizer.load(path).merges != tokenizer.merges:
+  try:
+    same = os.path.isfile(path) and type(tokenizer).load(path).merges == tokenizer.merges
+  except ValueError:  # another kind of tokenizer file
+    same = False
+  if not same:
     raise config_lib.ConfigError(f"eval.reference_workdir {workdir}: its BPE tokenizer ({path}) "
                                  "is not this run's")
 

@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from md4 import config_lib
-from md4.data.tokenizers import BPETokenizer
+from md4.data import tokenizers
 from md4.evaluation import evaluate
 from md4.evaluation.reference import check_reference_tokenizer, load_reference
 from md4.training.run import TOKENIZER_FILE, load_for_inference
@@ -157,8 +157,9 @@ def _check_tokenizer(workdir: str, reference_workdir: str) -> None:
   """A run's learned tokenizer (if any) must be the reference's."""
   path = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.isfile(path):
+    kind = config_lib.load(workdir).data.tokenizer
     check_reference_tokenizer(_with_reference(workdir, reference_workdir),
-                              BPETokenizer.load(path))
+                              tokenizers.LEARNED[kind].load(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"{len(rows['chars'])} held-out sequences, {int(rows['chars'].sum())} characters")
   for key, name in names.items():
     if key in rows:
-      r = evaluate.bits_per_char(rows[key], rows["chars"])
+      r = evaluate.bits_per_unit(rows[key], rows["chars"])
       print(f"{name:28s} {r['bits_per_char']:.3f} bits/char (se {r['bits_per_char_se']:.3f})")
   return 0
 

@@ -72,8 +72,9 @@ def _available(runs: Sequence[Series], metrics: Sequence[str] | None) -> list[st
                        f"available: {', '.join(sorted(present))}")
     return list(metrics)
   chosen = [m for m in DEFAULT_METRICS if m in present]
-  if "bits_per_char" in present:  # text: per character rather than per token
-    chosen = ["bits_per_char"] + [m for m in chosen if m != "bits_per_token"]
+  per_unit = [m for m in ("bits_per_char", "bits_per_byte") if m in present]
+  if per_unit:  # text: per character (or byte) rather than per token
+    chosen = per_unit + [m for m in chosen if m != "bits_per_token"]
   elif "bits_per_token" not in present and "loss" in present:
     chosen.insert(0, "loss")
   return chosen
@@ -84,8 +85,8 @@ def plot_metrics(workdirs: Sequence[str], out: str, *, metrics: Sequence[str] | 
                  curves: Sequence[str] | None = None) -> Figure:
   """Writes a PNG of the curves of `workdirs` (one panel per metric) to `out`; returns the figure.
 
-  Default metrics: bits_per_char (text), else bits_per_token, else loss; lr, grad_norm,
-  tokens_per_s; as available. x: the x axes, each "step" or "time" (training minutes,
+  Default metrics: bits_per_char or bits_per_byte (text), else bits_per_token, else loss; lr,
+  grad_norm, tokens_per_s; as available. x: the x axes, each "step" or "time" (training minutes,
   `training_minutes`); every metric gets a panel per x axis. curves: only these (e.g.
   "eval/ema"); None: all.
   """

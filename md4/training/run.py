@@ -117,7 +117,7 @@ class Run:
     if with_data and self.is_image:
       self.data = images.create_image_datasets(config.data, labels=bool(labels), **common)
     elif with_data:
-      # A learned (bpe) tokenizer is kept with the run, so that eval and sample modes (and
+      # A learned (bpe, byte_bpe) tokenizer is kept with the run, so that eval and sample modes (and
       # zero-shot evaluation on other data) encode text as training did.
       self.data = create_datasets(config.data, seq_len=config.seq_len, **common,
                                   vocab_size=config.vocab_size,
@@ -152,11 +152,13 @@ class Run:
                               out_shardings=(self.state_sharding, None))
     # Per-example eval outputs come back replicated so that every process can read them; text
     # examples also report their length in characters (for bits per character).
-    lengths = getattr(getattr(self.data, "tokenizer", None), "token_lengths", None)
+    tokenizer = getattr(self.data, "tokenizer", None)
+    lengths = getattr(tokenizer, "token_lengths", None)
+    self.unit = getattr(tokenizer, "unit", "char")  # what `lengths` count: characters or bytes
     def eval_step(params, batch, rng):
       out = self.method.evaluate(params, batch_data(batch, self.method_key), rng)
       if lengths is not None:
-        out[evaluate.CHARS] = jnp.asarray(lengths)[batch[self.data_key]].sum(-1)
+        out[evaluate.UNITS] = jnp.asarray(lengths)[batch[self.data_key]].sum(-1)
       return out
     self.eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh))
     self.sample_step = jax.jit(self.method.sample, static_argnums=2)
@@ -178,7 +180,7 @@ class Run:
     return evaluate.held_out(self.eval_step, params, self.data.eval_batches(), self.mesh,
                              rng=self.eval_rng, num_batches=num_batches,
                              likelihood_metrics=self.method.likelihood_metrics,
-                             time_samples=self.config.eval.time_samples)
+                             time_samples=self.config.eval.time_samples, unit=self.unit)
 
 
 def unigram_noise_law(data: Any, workdir: str, vocab_size: int, *, write: bool) -> np.ndarray:

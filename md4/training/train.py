@@ -60,7 +60,7 @@ def _train(run: Run, changes: dict) -> dict:
   parameter_overview.log_parameter_overview(state["params"], include_stats=False, msg="parameters")
   batch_shape = next(iter(run.data.eval_batches()))[run.data_key].shape[1:]
   tokens_per_step = t.batch_size * int(np.prod(batch_shape))  # tokens, or pixel channels
-  chars_per_token = run.data.info.get("train_chars_per_token")
+  units_per_token = run.data.info.get("train_units_per_token")  # characters or bytes
   step_fn, pending = None, []
   streak = 0  # non-finite updates in a row, up to the last host sync
   train_time = 0.0  # seconds of training steps since the last log (no compile, eval, samples...)
@@ -100,8 +100,8 @@ def _train(run: Run, changes: dict) -> dict:
         train_time = 0.0
         if run.method.likelihood_metrics and getattr(run.method, "loss_is_likelihood", True):
           logged.update(evaluate.likelihood_report(logged["loss"]))
-          if chars_per_token:  # the training split's mean, not this window's own count
-            logged["bits_per_char"] = logged["bits_per_token"] / chars_per_token
+          if units_per_token:  # the training split's mean, not this window's own count
+            logged[f"bits_per_{run.unit}"] = logged["bits_per_token"] / units_per_token
         writer.write(step, "train", logged)
         if streak >= t.max_nonfinite_steps or (final and streak):
           run.checkpointer.wait()  # a save in flight finishes, so the one named below exists
