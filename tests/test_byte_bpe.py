@@ -1,7 +1,6 @@
 """Byte-level BPE (data.tokenizer=byte_bpe) against a textbook BPE over UTF-8 bytes, Hugging
 Face's own encoding of the same file, and through the data pipeline."""
 
-import collections
 import json
 
 import ml_collections
@@ -11,6 +10,7 @@ import regex
 import tokenizers as hf
 
 from md4.data import pipeline, tokenizers
+from tests.bpe_oracle import textbook_merge
 
 # GPT-2's pre-tokenisation, written out here as its paper's code states it (not imported).
 WORDS = regex.compile(
@@ -26,16 +26,7 @@ def textbook_bpe(text: str, merges: list[tuple[bytes, bytes]]) -> tuple[list, li
   largest pair count) before it is applied, and the ids (bytes 0..255, then new pieces as they
   first appear)."""
   words = [[bytes([b]) for b in w.encode("utf-8")] for w in WORDS.findall(text)]
-  counts = []
-  for a, b in merges:
-    pairs = collections.Counter(p for w in words for p in zip(w[:-1], w[1:], strict=True))
-    counts.append((pairs[a, b], max(pairs.values())))
-    for w in words:
-      i = 0
-      while i + 1 < len(w):
-        if (w[i], w[i + 1]) == (a, b):
-          w[i:i + 2] = [a + b]
-        i += 1
+  counts = textbook_merge(words, merges)
   ids = {bytes([i]): i for i in range(256)}
   for a, b in merges:
     ids.setdefault(a + b, len(ids))

@@ -1,6 +1,5 @@
 """Tests for md4.data: tokenizers, corpora, OWT shards and the grain pipelines."""
 
-import collections
 import json
 import pathlib
 import time
@@ -12,6 +11,7 @@ import pytest
 import tqdm
 
 from md4.data import corpora, owt, pipeline, prepare, tokenizers
+from tests.bpe_oracle import textbook_merge
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "shakespeare"
@@ -79,20 +79,12 @@ def _reference_bpe(text: str, merges: list[tuple[str, str]]) -> tuple[list, list
   """Textbook BPE on lists: the text's words (a new word at every space) merged by `merges` in
   order, each left to right. Returns, per merge, (its pair's count, the largest pair count) before
   it is applied, and the final ids (the 27 characters, then new pieces as they first appear)."""
-  words, counts = [], []
+  words = []
   for c in text:
     if c == " " or not words:
       words.append([])
     words[-1].append(c)
-  for a, b in merges:
-    pairs = collections.Counter(p for w in words for p in zip(w[:-1], w[1:], strict=True))
-    counts.append((pairs[a, b], max(pairs.values())))
-    for w in words:
-      i = 0
-      while i + 1 < len(w):
-        if (w[i], w[i + 1]) == (a, b):
-          w[i:i + 2] = [a + b]
-        i += 1
+  counts = textbook_merge(words, merges)
   ids = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
   for a, b in merges:
     ids.setdefault(a + b, len(ids))
@@ -109,7 +101,9 @@ def test_bpe_learns_valid_merges_and_encodes_like_textbook_bpe(tmp_path):
   assert tok.encode(text).tolist() == seq
   learned, ids = tokenizers.BPETokenizer.learn_encoding(text, 90)
   assert learned.merges == tok.merges and ids.tolist() == seq
-  other = _random_text(4, 200) + "  two  spaces "  # text the merges were not learned from
+  # Text the merges were not learned from, with words around the 13 characters of a word code.
+  other = ("antidisestablishmentarianism " + _random_text(4, 200) + "  two  spaces abcdefghijkl"
+           " abcdefghijklm abcdefghijklmn antidisestablishmentarianism abcdefghijklm ")
   ids = tok.encode(other)
   assert tok.decode(ids) == other and len(ids) < len(other)
   assert ids.tolist() == _reference_bpe(other, merges)[1]

@@ -10,6 +10,7 @@ placeholder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -68,22 +69,63 @@ class CharTokenizer:
 
 
 _PIECE_CHARS = 1 << 20  # characters per piece of text handed to Hugging Face tokenizers
+# Pieces for the BPE trainer: many small ones spread its word counting over the cores.
+_LEARN_PIECE_CHARS = 1 << 14
 OLD_FORMAT = ("{path} holds merges by id, the format of md4's numpy BPE before it used Hugging "
               "Face tokenizers; this version reads only tokenizer.json files: learn the tokenizer "
               "again in a new workdir (or use an older md4 for this one)")
 
 
-def _pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
+def _cut(text: str, size: int = _PIECE_CHARS) -> Iterator[tuple[str, np.ndarray]]:
   """text8-alphabet text in pieces of about `size` characters, each cut just before a space so
-  that the pieces' words are the text's words; any other character is CharTokenizer's error."""
+  that the pieces' words are the text's words, with their CharTokenizer ids; any other character
+  is CharTokenizer's error."""
   chars, start = CharTokenizer(), 0
   while start < len(text):
     cut = text.find(" ", start + size)
     cut = len(text) if cut < 0 else cut
     piece = text[start:cut]
-    chars.encode(piece)  # checks the alphabet
-    yield piece
+    yield piece, chars.encode(piece)
     start = cut
+
+
+def _pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
+  """The pieces of `_cut`."""
+  return (piece for piece, _ in _cut(text, size))
+
+
+# Word codes: a word of at most _CODE_DIGITS characters is the number whose base-28 digit k is its
+# k-th character's id + 1 (its leading space is id 26); longer words are numbered from _LONG_WORD.
+_CODE_DIGITS = 13
+_LONG_WORD = 28 ** _CODE_DIGITS  # < 2^63
+_CODE_ASCII = np.frombuffer(b"\0" + CharTokenizer.alphabet.encode(), np.uint8)  # digit -> byte
+
+
+def _text8_word_index(text: str) -> tuple[list[str], np.ndarray]:
+  """The distinct words of text8-alphabet text (a new word before each space) and, for each word
+  of the text, its number among them: numpy on word codes, no Python loop over words."""
+  codes, long_words = [np.zeros(0, np.int64)], {}
+  powers = 28 ** np.arange(_CODE_DIGITS, dtype=np.int64)
+  for piece, ids in _cut(text):
+    digits = ids.astype(np.int64) + 1
+    is_start = digits == 27
+    is_start[0] = True
+    starts = np.flatnonzero(is_start)
+    position = np.arange(len(digits)) - starts[np.cumsum(is_start) - 1]
+    weight = np.where(position < _CODE_DIGITS, powers[np.minimum(position, _CODE_DIGITS - 1)], 0)
+    code = np.add.reduceat(digits * weight, starts)
+    for j in np.flatnonzero(np.diff(starts, append=len(digits)) > _CODE_DIGITS):
+      word = piece[starts[j]:starts[j + 1] if j + 1 < len(starts) else len(piece)]
+      code[j] = _LONG_WORD + long_words.setdefault(word, len(long_words))
+    codes.append(code)
+  codes = np.concatenate(codes)
+  distinct = np.sort(codes)  # np.unique, but several times faster here (numpy 2.4)
+  distinct = distinct[np.diff(distinct, prepend=-1) != 0]
+  occurrences = np.searchsorted(distinct, codes)
+  short = distinct[distinct < _LONG_WORD]
+  spelled = _CODE_ASCII[(short[:, None] // powers) % 28]  # [words, 13] bytes, NUL-padded
+  words = [w.decode() for w in np.ascontiguousarray(spelled).view(f"S{_CODE_DIGITS}").ravel()]
+  return words + list(long_words), occurrences
 
 
 # The pattern of Hugging Face's ByteLevel pre-tokenizer (GPT-2's, with its contractions spelled
@@ -156,7 +198,7 @@ class BPETokenizer:
     tokenizer.decoder = hf_tokenizers.decoders.Fuse()
     return tokenizer
 
-  _training_pieces = staticmethod(_pieces)
+  _training_pieces = staticmethod(functools.partial(_pieces, size=_LEARN_PIECE_CHARS))
 
   @classmethod
   def _from_string_merges(cls, merges: Sequence[Sequence[str]]) -> BPETokenizer:
@@ -222,36 +264,18 @@ class BPETokenizer:
     self.hf.save(tmp)
     os.replace(tmp, path)
 
-  @staticmethod
-  def _words(text: str) -> Iterator[list]:
-    """The text's words, a list per piece of text: " " + w keyed by w, the first word by (w,)."""
-    for piece in _pieces(text):
-      words: list = piece.split(" ")  # each piece but the text's first starts with a space
-      words[:1] = [(words[0],)] if words[0] else []
-      yield words
-
-  @staticmethod
-  def _word_text(word) -> str:
-    """The text a key of `_words` stands for."""
-    return word[0] if isinstance(word, tuple) else " " + word
+  _word_index = staticmethod(_text8_word_index)
 
   def encode(self, text: str) -> np.ndarray:
     """Encodes text8-alphabet text to int32[N]; any other character is a ValueError.
 
     `tokenizers` encodes each distinct word once; the text's ids are gathered from those.
     """
-    index: dict = {}  # word -> its number
-    occurrences = [np.zeros(0, np.int64)]
-    for words in self._words(text):
-      for w in dict.fromkeys(words):
-        index.setdefault(w, len(index))
-      occurrences.append(np.fromiter(map(index.__getitem__, words), np.int64, len(words)))
-    encoded = self.hf.encode_batch_fast([self._word_text(w) for w in index],
-                                        add_special_tokens=False)
+    words, occurrences = self._word_index(text)
+    encoded = self.hf.encode_batch_fast(words, add_special_tokens=False)
     lengths = np.array([len(e.ids) for e in encoded], np.int64)
     flat = np.array([i for e in encoded for i in e.ids], np.int32)
-    occ = np.concatenate(occurrences)
-    n, starts = lengths[occ], (np.cumsum(lengths) - lengths)[occ]
+    n, starts = lengths[occurrences], (np.cumsum(lengths) - lengths)[occurrences]
     return flat[np.repeat(starts - (np.cumsum(n) - n), n) + np.arange(n.sum())]
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -289,18 +313,20 @@ class ByteBPETokenizer(BPETokenizer):
     tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
     return tokenizer
 
-  _training_pieces = staticmethod(_byte_pieces)
+  _training_pieces = staticmethod(functools.partial(_byte_pieces, size=_LEARN_PIECE_CHARS))
 
   @staticmethod
-  def _words(text: str) -> Iterator[list]:
-    """The text's pieces under GPT-2's pre-tokenisation pattern, a list per piece of text (any
-    text: encode reads raw text)."""
+  def _word_index(text: str) -> tuple[list[str], np.ndarray]:
+    """The distinct pieces of any text under GPT-2's pre-tokenisation pattern and, for each of
+    the text's pieces, its number among them."""
+    index: dict = {}
+    occurrences = [np.zeros(0, np.int64)]
     for piece in _byte_pieces(text):
-      yield _GPT2_WORDS.findall(piece)
-
-  @staticmethod
-  def _word_text(word) -> str:
-    return word
+      words = _GPT2_WORDS.findall(piece)
+      for w in dict.fromkeys(words):
+        index.setdefault(w, len(index))
+      occurrences.append(np.fromiter(map(index.__getitem__, words), np.int64, len(words)))
+    return list(index), np.concatenate(occurrences)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Decodes ids; ids outside the vocabulary (e.g. the mask id) become '[MASK]', and bytes that
