@@ -10,6 +10,7 @@ placeholder.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -101,29 +102,41 @@ _LONG_WORD = 28 ** _CODE_DIGITS  # < 2^63
 _CODE_ASCII = np.frombuffer(b"\0" + CharTokenizer.alphabet.encode(), np.uint8)  # digit -> byte
 
 
+_POWERS = 28 ** np.arange(_CODE_DIGITS, dtype=np.int64)
+
+
+def _piece_codes(piece: str, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
+  """The codes of a piece's words (a new word before each space; -1 for a long word) and its
+  long words with their places."""
+  digits = ids.astype(np.int64) + 1
+  is_start = digits == 27
+  is_start[0] = True
+  starts = np.flatnonzero(is_start)
+  lengths = np.diff(starts, append=len(digits))
+  position = np.arange(len(digits)) - np.repeat(starts, lengths)
+  weight = np.where(position < _CODE_DIGITS, _POWERS[np.minimum(position, _CODE_DIGITS - 1)], 0)
+  code = np.add.reduceat(digits * weight, starts)
+  long = np.flatnonzero(lengths > _CODE_DIGITS)
+  code[long] = -1
+  return code, [(j, piece[starts[j]:starts[j] + lengths[j]]) for j in long.tolist()]
+
+
 def _text8_word_index(text: str) -> tuple[list[str], np.ndarray]:
   """The distinct words of text8-alphabet text (a new word before each space) and, for each word
-  of the text, its number among them: numpy on word codes, no Python loop over words."""
-  codes, long_words = [np.zeros(0, np.int64)], {}
-  powers = 28 ** np.arange(_CODE_DIGITS, dtype=np.int64)
-  for piece, ids in _cut(text):
-    digits = ids.astype(np.int64) + 1
-    is_start = digits == 27
-    is_start[0] = True
-    starts = np.flatnonzero(is_start)
-    position = np.arange(len(digits)) - starts[np.cumsum(is_start) - 1]
-    weight = np.where(position < _CODE_DIGITS, powers[np.minimum(position, _CODE_DIGITS - 1)], 0)
-    code = np.add.reduceat(digits * weight, starts)
-    for j in np.flatnonzero(np.diff(starts, append=len(digits)) > _CODE_DIGITS):
-      word = piece[starts[j]:starts[j + 1] if j + 1 < len(starts) else len(piece)]
-      code[j] = _LONG_WORD + long_words.setdefault(word, len(long_words))
-    codes.append(code)
-  codes = np.concatenate(codes)
-  distinct = np.sort(codes)  # np.unique, but several times faster here (numpy 2.4)
-  distinct = distinct[np.diff(distinct, prepend=-1) != 0]
-  occurrences = np.searchsorted(distinct, codes)
+  of the text, its number among them: numpy on word codes, no Python loop over words, its
+  pieces on all cores (numpy releases the GIL)."""
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    pieces = list(pool.map(lambda cut: _piece_codes(*cut), _cut(text)))
+    long_words: dict = {}
+    for code, long in pieces:
+      for j, word in long:
+        code[j] = _LONG_WORD + long_words.setdefault(word, len(long_words))
+    codes = [code for code, _ in pieces] or [np.zeros(0, np.int64)]
+    distinct = np.sort(np.concatenate(codes))  # np.unique, several times slower (numpy 2.4)
+    distinct = distinct[np.diff(distinct, prepend=-1) != 0]
+    occurrences = np.concatenate(list(pool.map(lambda c: np.searchsorted(distinct, c), codes)))
   short = distinct[distinct < _LONG_WORD]
-  spelled = _CODE_ASCII[(short[:, None] // powers) % 28]  # [words, 13] bytes, NUL-padded
+  spelled = _CODE_ASCII[(short[:, None] // _POWERS) % 28]  # [words, 13] bytes, NUL-padded
   words = [w.decode() for w in np.ascontiguousarray(spelled).view(f"S{_CODE_DIGITS}").ravel()]
   return words + list(long_words), occurrences
 
