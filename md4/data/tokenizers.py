@@ -132,7 +132,7 @@ def _text8_word_index(text: str) -> tuple[list[str], np.ndarray]:
       for j, word in long:
         code[j] = _LONG_WORD + long_words.setdefault(word, len(long_words))
     codes = [code for code, _ in pieces] or [np.zeros(0, np.int64)]
-    distinct = np.sort(np.concatenate(codes))  # np.unique, several times slower (numpy 2.4)
+    distinct = np.sort(np.concatenate(codes))  # np.unique with its inverse is slower here
     distinct = distinct[np.diff(distinct, prepend=-1) != 0]
     occurrences = np.concatenate(list(pool.map(lambda c: np.searchsorted(distinct, c), codes)))
   short = distinct[distinct < _LONG_WORD]
@@ -280,7 +280,8 @@ class BPETokenizer:
   _word_index = staticmethod(_text8_word_index)
 
   def encode(self, text: str) -> np.ndarray:
-    """Encodes text8-alphabet text to int32[N]; any other character is a ValueError.
+    """Encodes text to int32[N]: text8-alphabet text only (any other character is a ValueError),
+    or for the byte-level BPE any text.
 
     `tokenizers` encodes each distinct word once; the text's ids are gathered from those.
     """
