@@ -37,7 +37,8 @@ def bits_per_unit(nats: np.ndarray, units: np.ndarray, unit: str = "char") -> di
 
 def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, *,
              rng: jax.Array, num_batches: int, likelihood_metrics: tuple[str, ...],
-             time_samples: int = 1, unit: str = "char") -> dict[str, float]:
+             time_samples: int = 1, unit: str = "char",
+             split_batches: int | None = None) -> dict[str, float]:
   """Means of the method's per-example metrics over `num_batches` held-out batches.
 
   Each example is evaluated with `time_samples` independent draws of the method's randomness
@@ -48,10 +49,11 @@ def held_out(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Me
   eval step also returns each example's count of characters or bytes (`UNITS`; `unit` names
   them), bits per character (or byte) are the total bits over the total count. Keys are fixed
   (fold_in of `rng` with the batch index and the draw), so repeated calls agree exactly.
+  `split_batches` (the split's batch count, when known) sizes the progress bar of a whole pass.
   """
   values: dict[str, list[np.ndarray]] = {}
   count = dims = 0
-  batches = tqdm.tqdm(batches, total=num_batches or None, desc="held-out", unit="batch",
+  batches = tqdm.tqdm(batches, total=num_batches or split_batches, desc="held-out", unit="batch",
                       leave=False, disable=None)  # on stderr, only when it is a terminal
   for i, batch in enumerate(batches):
     if num_batches and i >= num_batches:

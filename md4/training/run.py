@@ -180,7 +180,8 @@ class Run:
     return evaluate.held_out(self.eval_step, params, self.data.eval_batches(), self.mesh,
                              rng=self.eval_rng, num_batches=num_batches,
                              likelihood_metrics=self.method.likelihood_metrics,
-                             time_samples=self.config.eval.time_samples, unit=self.unit)
+                             time_samples=self.config.eval.time_samples, unit=self.unit,
+                             split_batches=self.data.info.get("eval_batches"))
 
 
 def unigram_noise_law(data: Any, workdir: str, vocab_size: int, *, write: bool) -> np.ndarray:
