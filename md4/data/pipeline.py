@@ -131,7 +131,9 @@ def _text_splits(cfg, alphabet: bool, joined: bool) -> tuple[Any, Any, str]:
     texts = [r[key].decode("utf-8") if isinstance(r[key], bytes) else str(r[key]) for r in source]
     if alphabet:
       texts = " ".join(corpora.clean_text8(t) for t in texts)
-    splits.append("\n\n".join(texts) if joined and not alphabet else texts)
+    elif joined:
+      texts = "\n\n".join(texts)
+    splits.append(texts)
   return splits[0], splits[1], f"tfds {name}"
 
 
